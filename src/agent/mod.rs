@@ -1,1 +1,7 @@
-//! See the crate documentation.
+//! The node agent.
+
+pub mod guest;
+pub mod pki;
+pub mod qemu;
+pub mod qmp;
+pub mod relay;
