@@ -1,1 +1,3 @@
-//! See the crate documentation.
+//! The `ferry` and `kubectl ferry` command lines.
+
+pub mod crds;
