@@ -171,6 +171,12 @@ pub struct MigrationStatus {
     /// not chosen was rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduling_decision: Option<SchedulingDecision>,
+    /// What the source host's agent reports (written only by that agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<AgentReport>,
+    /// What the target host's agent reports (written only by that agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<AgentReport>,
     /// Transfer progress, sampled by the source agent about once a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
@@ -196,6 +202,50 @@ pub struct MigrationStatus {
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One agent's half of a migration, as that agent reports it. The
+/// controller reads both halves and decides the phase; each agent writes only
+/// its own half, so the three writers never overwrite each other.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    /// Where this agent's half is.
+    pub state: AgentState,
+    /// Machine-readable reason, with `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What happened, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the state was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+/// The states an agent reports for its half of a migration.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentState {
+    /// Target: starting the receiving QEMU.
+    Preparing,
+    /// Target: the receiving QEMU waits for the stream; the relay accepts
+    /// the source host for this migration.
+    Ready,
+    /// Source: memory is being sent.
+    Transferring,
+    /// Source: switched to post-copy; the guest runs on the target.
+    PostCopy,
+    /// Source: QEMU completed the transfer; the source guest is paused.
+    Completed,
+    /// Target: the guest runs here.
+    Running,
+    /// This half failed; `reason` says why. Before switchover the guest
+    /// keeps running on the source.
+    Failed,
+    /// Source: the transfer was cancelled; the guest runs on the source.
+    Cancelled,
+    /// This half's resources are released.
+    CleanedUp,
 }
 
 /// How the scheduler chose the target.

@@ -26,7 +26,10 @@ pub use host::{Host, HostPhase, HostSpec, HostStatus};
 pub use maintenance::{
     HostMaintenance, HostMaintenanceSpec, HostMaintenanceStatus, MaintenancePhase,
 };
-pub use migration::{Migration, MigrationPhase, MigrationSpec, MigrationStatus, MigrationType};
+pub use migration::{
+    AgentReport, AgentState, Migration, MigrationPhase, MigrationSpec, MigrationStatus,
+    MigrationType,
+};
 pub use policy::{MigrationPolicy, MigrationPolicySpec};
 pub use values::{Bandwidth, Duration, Quantity, ValueError};
 pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus, VmPhase};
