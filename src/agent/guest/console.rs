@@ -289,11 +289,11 @@ impl GuestConsole {
                         reason: reason.to_owned(),
                     });
                 }
-                if let Some(fields) = protocol::tagged(&line, tag) {
-                    if expect_nonce.as_deref().is_none_or(|n| n == fields) {
-                        let fields = fields.to_owned();
-                        return Ok((line, fields));
-                    }
+                if let Some(fields) = protocol::tagged(&line, tag)
+                    && expect_nonce.as_deref().is_none_or(|n| n == fields)
+                {
+                    let fields = fields.to_owned();
+                    return Ok((line, fields));
                 }
                 tracing::debug!(%line, %command, "skipping guest line");
             }
