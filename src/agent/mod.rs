@@ -5,3 +5,4 @@ pub mod pki;
 pub mod qemu;
 pub mod qmp;
 pub mod relay;
+pub mod vms;
