@@ -1,6 +1,7 @@
 //! The node agent.
 
 pub mod guest;
+pub mod migrate;
 pub mod pki;
 pub mod qemu;
 pub mod qmp;

@@ -357,3 +357,19 @@ impl Command for MigratePause {
     const NAME: &'static str = "migrate-pause";
     type Response = Empty;
 }
+
+/// `pmemsave`: writes guest-physical memory to a file on the host
+/// (diagnostics and tests).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pmemsave {
+    /// Guest-physical start address.
+    pub val: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Host file to write.
+    pub filename: String,
+}
+impl Command for Pmemsave {
+    const NAME: &'static str = "pmemsave";
+    type Response = Empty;
+}
