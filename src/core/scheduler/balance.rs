@@ -184,11 +184,7 @@ pub fn balance(
             v.1 += 1;
         }
     }
-    let loads: Vec<f64> = snapshot
-        .hosts
-        .iter()
-        .map(|h| cpu_now(h, sched.over_commit_duration, now))
-        .collect();
+    let loads: Vec<f64> = snapshot.hosts.iter().map(|h| cpu_now(h, now)).collect();
     let in_flight_vms: HashSet<&str> = snapshot.in_flight.iter().map(|m| m.vm.as_str()).collect();
     let mut used: HashSet<usize> = HashSet::new();
     for (h, reason) in sources(snapshot, policy, &loads, now) {

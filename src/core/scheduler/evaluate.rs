@@ -300,7 +300,7 @@ impl<'a> Request<'a> {
         let (share, share_cpus) = match source {
             Some(h) => {
                 let host = &s.hosts[h];
-                let load = cpu_now(host, policy.scheduling.over_commit_duration, now);
+                let load = cpu_now(host, now);
                 (
                     vm_share(load, host.capacity.cpus, s.vcpus_on[h], vm.resources.cpus),
                     host.capacity.cpus,
@@ -464,7 +464,7 @@ impl<'a> Request<'a> {
         }
         let duration = sched.over_commit_duration;
         if cpu_over(host, sched.high_utilization, duration, self.now) {
-            let percent = cpu_now(host, duration, self.now);
+            let percent = cpu_now(host, self.now);
             reject!(Rejection::Overloaded {
                 percent,
                 threshold: sched.high_utilization,
@@ -472,7 +472,7 @@ impl<'a> Request<'a> {
             });
         }
         if sched.policy == SchedulingPolicyKind::PowerSaving {
-            let projected = cpu_now(host, duration, self.now) + self.share_on(host.capacity.cpus);
+            let projected = cpu_now(host, self.now) + self.share_on(host.capacity.cpus);
             if projected > f64::from(sched.high_utilization) {
                 reject!(Rejection::WouldExceedHighUtilization {
                     projected,
@@ -553,7 +553,7 @@ impl<'a> Request<'a> {
     pub(crate) fn score(&self, s: &Snapshot, h: usize) -> Score {
         let host = &s.hosts[h];
         let sched = &self.policy.scheduling;
-        let cpu = cpu_now(host, sched.over_commit_duration, self.now);
+        let cpu = cpu_now(host, self.now);
         let projected = cpu + self.share_on(host.capacity.cpus);
         let free_after = s.free_memory(h).saturating_sub(self.vm.resources.memory);
         let free_pct = 100.0 * free_after as f64 / host.capacity.memory.max(1) as f64;

@@ -44,22 +44,13 @@ pub fn memory_plenty(host: &HostInfo, bytes: u64, duration: Duration, now: Times
     window(&host.load, duration, now).is_some_and(|w| w.iter().all(|s| s.free_memory > bytes))
 }
 
-/// The host's CPU load now: the mean over `[now - duration, now]`, or the
-/// latest sample when the series is shorter, or 0 with no samples.
-pub fn cpu_now(host: &HostInfo, duration: Duration, now: Timestamp) -> f64 {
-    let start = now.minus(duration);
+/// The host's CPU load now: the latest sample at or before `now` (0 with
+/// no samples). Deliberately not a mean over the window: right after a
+/// migration the mean still carries the VM that left, and a projection built
+/// on it would let the next placement overshoot.
+pub fn cpu_now(host: &HostInfo, now: Timestamp) -> f64 {
     let end = host.load.partition_point(|s| s.at <= now);
-    let recent = &host.load[..end];
-    let in_window: Vec<f64> = recent
-        .iter()
-        .filter(|s| s.at >= start)
-        .map(|s| s.cpu_percent)
-        .collect();
-    if in_window.is_empty() {
-        recent.last().map_or(0.0, |s| s.cpu_percent)
-    } else {
-        in_window.iter().sum::<f64>() / in_window.len() as f64
-    }
+    host.load[..end].last().map_or(0.0, |s| s.cpu_percent)
 }
 
 /// The share (percentage points of `host`) that one VM of `vm_cpus` vCPUs
@@ -161,14 +152,13 @@ mod tests {
     }
 
     #[test]
-    fn current_load_is_the_window_mean_else_the_latest_sample() {
+    fn current_load_is_the_latest_sample_not_after_now() {
         let mut h = host("h");
         h.load = series(&[(0, 90.0), (100, 40.0), (150, 60.0)]);
-        let d = Duration::from_secs(60);
-        assert_eq!(cpu_now(&h, d, Timestamp::from_secs(160)), 50.0);
-        assert_eq!(cpu_now(&h, d, Timestamp::from_secs(1000)), 60.0);
+        assert_eq!(cpu_now(&h, Timestamp::from_secs(120)), 40.0);
+        assert_eq!(cpu_now(&h, Timestamp::from_secs(1000)), 60.0);
         h.load.clear();
-        assert_eq!(cpu_now(&h, d, Timestamp::from_secs(1000)), 0.0);
+        assert_eq!(cpu_now(&h, Timestamp::from_secs(1000)), 0.0);
     }
 
     #[test]

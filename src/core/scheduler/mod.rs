@@ -32,6 +32,8 @@
 //! Balancing lives in [`balance`].
 
 pub mod balance;
+#[cfg(test)]
+mod balance_tests;
 mod evaluate;
 pub mod load;
 mod snapshot;

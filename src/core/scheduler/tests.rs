@@ -614,10 +614,9 @@ proptest! {
             if let Some(c) = &d.chosen {
                 let h = s.host(c).unwrap();
                 let src = s.host(v.host.as_deref().unwrap()).unwrap();
-                let d = p.scheduling.over_commit_duration;
                 let vcpus: u32 = s.vms_on(&src.name).map(|x| x.resources.cpus).sum();
-                let share = load::vm_share(load::cpu_now(src, d, NOW), src.capacity.cpus, vcpus, v.resources.cpus);
-                let projected = load::cpu_now(h, d, NOW) + load::rescale(share, src.capacity.cpus, h.capacity.cpus);
+                let share = load::vm_share(load::cpu_now(src, NOW), src.capacity.cpus, vcpus, v.resources.cpus);
+                let projected = load::cpu_now(h, NOW) + load::rescale(share, src.capacity.cpus, h.capacity.cpus);
                 prop_assert!(projected <= high + 1e-9, "{c} would reach {projected}");
             }
         }
