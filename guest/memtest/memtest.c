@@ -318,6 +318,7 @@ static void cmd_status(void)
     kv("dirty_kib_s", st.dirty_kib_s);
     kv("ticks", ticks);
     kv("fill_ms", st.fill_ms);
+    kv("version", PROTOCOL_VERSION);
     puts("\r\n");
 }
 

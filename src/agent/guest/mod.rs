@@ -53,7 +53,7 @@
 //!  guest, at boot:  FERRY-MEMTEST version=1 mem_kib=K pages=N table=0x.. data=0x..
 //!                   READY pages=N fill_ms=F rate=R
 //!  ping [token]     PONG [token]
-//!  status           STATUS pages=N gen=G writes=W rate=R dirty_kib_s=K ticks=T fill_ms=F
+//!  status           STATUS pages=N gen=G writes=W rate=R dirty_kib_s=K ticks=T fill_ms=F version=1
 //!  rate N|max       RATE OK rate=R                      (N in MiB/s, 0 = idle)
 //!  verify           VERIFY OK pages=N writes=W
 //!                   VERIFY BAD first=P|none count=C pages=N table=ok|bad
@@ -69,7 +69,8 @@
 //! the page rewrites since the fill, `ticks` the uptime in PIT ticks (~1 ms).
 //! Bytes sent before the guest initialised its UART are lost and the `READY`
 //! line is lost when no client is connected, so [`GuestConsole::wait_ready`]
-//! pings until answered instead of waiting for `READY`.
+//! pings until answered instead of waiting for `READY`, then checks the
+//! protocol version in `STATUS`.
 
 mod console;
 mod protocol;
@@ -79,7 +80,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use console::{DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, GuestConsole, GuestError};
-pub use protocol::{DirtyRate, GuestStatus, MAX_LINE, ParseError, VerifyReport};
+pub use protocol::{DirtyRate, GuestStatus, MAX_LINE, PROTOCOL_VERSION, ParseError, VerifyReport};
 
 /// The memtest guest kernel (32-bit multiboot ELF), built from `guest/memtest/`.
 pub const MEMTEST_KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
