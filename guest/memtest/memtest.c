@@ -397,6 +397,8 @@ static void execute(const char *line)
         kv("code", n);
         puts("\r\n");
         qemu_exit(n);
+    } else if ((arg = word(line, "fault")) && !*arg) {
+        __asm__ volatile("ud2");  /* proves the exception path: FAULT vector=6 */
     } else {
         puts("ERR unknown command\r\n");
     }

@@ -274,6 +274,18 @@ impl GuestConsole {
         }
     }
 
+    /// Makes the guest take a CPU exception (`ud2`), which it reports before
+    /// QEMU exits with status 253: proves faults are reported. Returns the
+    /// guest's `FAULT` line as [`GuestError::Crashed`]; anything else is
+    /// an error too.
+    pub async fn fault(&mut self) -> Result<GuestError, GuestError> {
+        match self.request("fault", "FAULT", self.timeout).await {
+            Err(crash @ GuestError::Crashed { .. }) => Ok(crash),
+            Err(e) => Err(e),
+            Ok((line, _)) => Ok(GuestError::Crashed { line }),
+        }
+    }
+
     /// Round-trips a `ping`; useful to check the guest is alive.
     pub async fn ping(&mut self) -> Result<(), GuestError> {
         self.nonce += 1;
