@@ -272,9 +272,10 @@ static int parse_u32(const char *s, u32 *out)
     if (!*s)
         return 0;
     for (; *s; s++) {
-        if (*s < '0' || *s > '9' || v > 429496728u)
-            return 0;
-        v = v * 10 + (u32)(*s - '0');
+        u32 d = (u32)(*s - '0');
+        if (*s < '0' || *s > '9' || v > 429496729u || (v == 429496729u && d > 5))
+            return 0;            /* not a digit, or above 2^32 - 1 */
+        v = v * 10 + d;
     }
     *out = v;
     return 1;
