@@ -14,6 +14,7 @@
 //! - [`convergence`]: what to do next with a live migration's progress.
 //! - [`drain`]: host maintenance plans, retries and quarantine.
 
+pub mod migration;
 pub mod policy;
 pub mod scheduler;
 pub mod time;
