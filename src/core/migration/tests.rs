@@ -624,7 +624,10 @@ fn unsafe_disk_cache_moves_when_the_policy_allows_it() {
         unsafe_disk_cache: true,
         memory: GIB,
     };
-    let p = EffectivePolicy { allow_unsafe: true, ..Default::default() };
+    let p = EffectivePolicy {
+        allow_unsafe: true,
+        ..Default::default()
+    };
     assert_eq!(decide(&o, &p, now()).next, MigrationState::Scheduling);
 }
 
