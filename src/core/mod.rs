@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod convergence;
+pub mod drain;
 pub mod migration;
 pub mod policy;
 pub mod scheduler;
