@@ -6,4 +6,5 @@ pub mod pki;
 pub mod qemu;
 pub mod qmp;
 pub mod relay;
+pub mod daemon;
 pub mod vms;

@@ -9,6 +9,10 @@
 //! terms, then to the name that sorts first; else the built-in defaults.
 //! The rule and its tests live in `core::policy::select`.
 
+// Each `printcolumn(...)` of the kube derive repeats `type_ = ...`; clippy
+// reads the repetition as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

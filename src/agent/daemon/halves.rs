@@ -176,10 +176,8 @@ async fn report_with(agent: &Agent, m: &Migration, role: Role, report: AgentRepo
         Role::Target => "target",
     };
     let mut status = serde_json::json!({ key: report });
-    if let (Some(extra), Some(map)) = (extra, status.as_object_mut()) {
-        if let Some(extra) = extra.as_object() {
-            map.extend(extra.clone());
-        }
+    if let (Some(serde_json::Value::Object(extra)), Some(map)) = (extra, status.as_object_mut()) {
+        map.extend(extra);
     }
     let api: Api<Migration> = Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
     let patch = serde_json::json!({ "status": status });
@@ -290,7 +288,7 @@ async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
 
     let outcome = tokio::select! {
         r = handle.wait_running(TARGET_WAIT) => Some(r),
-        _ = wait_until(agent, m, cancel, |m| abort_wanted(m)) => None,
+        _ = wait_until(agent, m, cancel, abort_wanted) => None,
     };
     match outcome {
         Some(Ok(())) => {
@@ -637,11 +635,9 @@ async fn write_progress(
             }
             (shared.assessment.clone(), shared.last_progress)
         };
-        let percent = if s.total_bytes == 0 {
-            0
-        } else {
-            (100 - (s.remaining_bytes.min(s.total_bytes) * 100 / s.total_bytes)) as u32
-        };
+        let percent = (s.remaining_bytes.min(s.total_bytes) * 100)
+            .checked_div(s.total_bytes)
+            .map_or(0, |left| 100 - left as u32);
         let progress = Progress {
             iteration: s.iteration,
             memory_total: s.total_bytes,
