@@ -43,8 +43,9 @@ pub fn ensure(store: &Store, registry: &Registry) -> Result<(), StoreError> {
     for (_, crd) in crds {
         if established(&crd)
             && let Ok(parsed) = serde_json::from_value::<CustomResourceDefinition>((*crd).clone())
+            && let Err(e) = registry.install_crd(&parsed)
         {
-            registry.install_crd(&parsed);
+            tracing::warn!(error = %e, "stored CRD cannot be served");
         }
     }
     Ok(())

@@ -164,7 +164,9 @@ async fn crds(state: &ApiState, installed: &mut HashMap<String, String>) -> Resu
         if installed.get(&name) != Some(&rv) {
             match serde_json::from_value::<CustomResourceDefinition>((*crd).clone()) {
                 Ok(parsed) => {
-                    state.registry.install_crd(&parsed);
+                    if let Err(e) = state.registry.install_crd(&parsed) {
+                        tracing::warn!(crd = %name, error = %e, "CRD cannot be served");
+                    }
                     installed.insert(name, rv);
                 }
                 Err(e) => tracing::warn!(crd = %name, error = %e, "stored CRD does not decode"),

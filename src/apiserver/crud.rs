@@ -14,13 +14,13 @@ use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::admission;
 use super::error::{ApiError, Cause};
 use super::http::{ApiState, ResourceRequest, json_response};
 use super::objmeta::{self, meta_str, present, subject};
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{self, EventType, Mutation, Outcome};
+use super::{admission, patching};
 
 /// The finalizer the real server puts on CRDs so their objects are removed
 /// before the CRD goes.
@@ -171,7 +171,8 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
     Ok(admission::respond_list(rr, body))
 }
 
-fn namespace_gate(
+/// Refuse writes into a namespace that is missing (404) or terminating (403).
+pub fn namespace_gate(
     state: &ApiState,
     info: &ResourceInfo,
     ns: &str,
@@ -326,6 +327,7 @@ pub async fn create(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     let name = prepare_create(&info, &mut obj, &rr.namespace)?;
     namespace_gate(state, &info, &rr.namespace, &name)?;
     let warnings = admission::admit(&info, &rr, &mut obj, None)?;
+    patching::track(&info, &rr, None, &mut obj);
     let key = object_key(&rr, &name);
     let subj = subject(&info, &name);
     let out = mutate(state, key, rr.dry_run(), move |cur| match cur {
@@ -526,7 +528,8 @@ pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     let out = mutate(state, key, rr.dry_run(), move |cur| {
         let old = cur.ok_or_else(|| ApiError::not_found(&subject(&rr2.info, &name)))?;
         let mut w = Vec::new();
-        let new = apply_update(&rr2.info, &rr2, old, obj, &mut w)?;
+        let mut new = apply_update(&rr2.info, &rr2, old, obj, &mut w)?;
+        patching::track(&rr2.info, &rr2, Some(old), &mut new);
         if let Ok(mut g) = w2.lock() {
             g.extend(w);
         }

@@ -10,6 +10,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use serde_json::Value;
 
+use super::patch::SchemaListTypes;
+use super::schema::Validator;
+
 /// Checks that an object decodes as its built-in type.
 pub type Decoder = fn(&Value) -> Result<(), String>;
 
@@ -40,6 +43,11 @@ pub struct ResourceInfo {
     pub crd_version: Option<Arc<CustomResourceDefinitionVersion>>,
     /// For custom resources: the storage version (objects are stored under it).
     pub storage_version: String,
+    /// For custom resources: the compiled structural schema (None when the
+    /// version's schema does not compile; the CRD is then not served).
+    pub validator: Option<Arc<Validator>>,
+    /// For custom resources: list semantics for server-side apply.
+    pub list_types: Option<Arc<SchemaListTypes>>,
 }
 
 impl ResourceInfo {
@@ -312,6 +320,8 @@ impl Registry {
                     decoder: Some(b.decoder),
                     crd_version: None,
                     storage_version: b.version.into(),
+                    validator: None,
+                    list_types: None,
                 };
                 inner.resources.insert(
                     (b.group.into(), b.version.into(), b.plural.into()),
@@ -355,8 +365,9 @@ impl Registry {
     }
 
     /// Serve the resources of `crd` (all its served versions), replacing
-    /// whatever it served before.
-    pub fn install_crd(&self, crd: &CustomResourceDefinition) {
+    /// whatever it served before. Fails, serving nothing, if a served
+    /// version's schema does not compile.
+    pub fn install_crd(&self, crd: &CustomResourceDefinition) -> Result<(), String> {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let spec = &crd.spec;
         let storage = spec
@@ -366,6 +377,15 @@ impl Registry {
             .or(spec.versions.first())
             .map(|v| v.name.clone())
             .unwrap_or_default();
+        let mut compiled = Vec::new();
+        for v in spec.versions.iter().filter(|v| v.served) {
+            let validator = Validator::new(v).map_err(|e| format!("version {}: {e}", v.name))?;
+            compiled.push((
+                v,
+                Arc::new(validator),
+                Arc::new(SchemaListTypes::from_version(v)),
+            ));
+        }
         let mut inner = self.write();
         if let Some(keys) = inner.crds.remove(&name) {
             for k in keys {
@@ -373,7 +393,7 @@ impl Registry {
             }
         }
         let mut keys = Vec::new();
-        for v in spec.versions.iter().filter(|v| v.served) {
+        for (v, validator, list_types) in compiled {
             let info = ResourceInfo {
                 group: spec.group.clone(),
                 version: v.name.clone(),
@@ -391,6 +411,8 @@ impl Registry {
                 decoder: None,
                 crd_version: Some(Arc::new(v.clone())),
                 storage_version: storage.clone(),
+                validator: Some(validator),
+                list_types: Some(list_types),
             };
             let key = (
                 spec.group.clone(),
@@ -401,6 +423,7 @@ impl Registry {
             keys.push(key);
         }
         inner.crds.insert(name, keys);
+        Ok(())
     }
 
     /// Stop serving the resources of the CRD named `name`.
