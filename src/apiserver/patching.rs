@@ -77,6 +77,30 @@ pub fn track(info: &ResourceInfo, rr: &ResourceRequest, old: Option<&Value>, new
     patch::track_update(old, new, &opts, list_types(info));
 }
 
+/// RFC 6902 as kube-apiserver's evanphx/json-patch applies it: a `test`
+/// of `null` succeeds on a missing path (kube-runtime's finalizer helper
+/// relies on this to add the first finalizer). The operations run one at a
+/// time through [`patch::json_patch`] on a copy, so the patch stays atomic.
+fn json_patch_go(target: &Value, ops: &Value) -> Result<Value, PatchError> {
+    let Some(list) = ops.as_array() else {
+        return patch::json_patch(target, ops);
+    };
+    let mut doc = target.clone();
+    for op in list {
+        let missing_null_test = op.get("op").and_then(Value::as_str) == Some("test")
+            && op.get("value").is_some_and(Value::is_null)
+            && op
+                .get("path")
+                .and_then(Value::as_str)
+                .is_some_and(|p| doc.pointer(p).is_none());
+        if missing_null_test {
+            continue;
+        }
+        doc = patch::json_patch(&doc, &Value::Array(vec![op.clone()]))?;
+    }
+    Ok(doc)
+}
+
 /// `PATCH .../NAME[/status]`.
 pub async fn patch(state: &ApiState, rr: ResourceRequest) -> Result<Response, ApiError> {
     let name = rr.name.clone().ok_or_else(ApiError::no_route)?;
@@ -165,7 +189,7 @@ pub async fn patch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
             Some(old) => {
                 let current = present(info, old);
                 let patched = match kind {
-                    Kind::Json => patch::json_patch(&current, &body).map_err(patch_error)?,
+                    Kind::Json => json_patch_go(&current, &body).map_err(patch_error)?,
                     Kind::Merge => patch::merge_patch(&current, &body).map_err(patch_error)?,
                     Kind::Strategic => {
                         patch::strategic_merge_patch(&current, &body).map_err(patch_error)?
