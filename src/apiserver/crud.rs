@@ -322,6 +322,7 @@ pub async fn create(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
         ));
     }
     let info = rr.info.clone();
+    objmeta::check_content_type(&rr.headers)?;
     let mut obj = objmeta::parse_object(&rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let name = prepare_create(&info, &mut obj, &rr.namespace)?;
@@ -504,6 +505,7 @@ pub fn finish(old: &Value, new: Value) -> Mutation {
 pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, ApiError> {
     let name = require_name(&rr)?;
     let info = rr.info.clone();
+    objmeta::check_content_type(&rr.headers)?;
     let mut obj = objmeta::parse_object(&rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let body_name = meta_str(&obj, "name").unwrap_or("");

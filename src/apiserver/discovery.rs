@@ -18,10 +18,11 @@ use super::error::ApiError;
 use super::http::{ApiState, json_response};
 use super::resources::ResourceInfo;
 
-/// The Kubernetes version this server speaks.
+/// The Kubernetes version this server reports: within kubectl 1.37's
+/// supported skew, so kubectl does not warn.
 pub const KUBE_MAJOR: &str = "1";
 /// See [`KUBE_MAJOR`].
-pub const KUBE_MINOR: &str = "34";
+pub const KUBE_MINOR: &str = "36";
 
 const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
 

@@ -145,6 +145,20 @@ pub fn bumps_generation(info: &ResourceInfo, old: &Value, new: &Value) -> bool {
     strip(old) != strip(new)
 }
 
+/// Refuse request bodies in encodings the server does not decode
+/// (protobuf, CBOR) with the real server's 415.
+pub fn check_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let base = ct.split(';').next().unwrap_or("").trim();
+    match base {
+        "" | "application/json" | "application/yaml" | "*/*" => Ok(()),
+        _ => Err(ApiError::unsupported_media_type(ct)),
+    }
+}
+
 /// Decode a JSON (or YAML) request body into an object.
 pub fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
     let v: Value = match serde_json::from_slice(body) {
