@@ -342,3 +342,9 @@ fn bad_schemas_fail_to_compile() {
     .unwrap_err();
     assert!(matches!(e, SchemaError::Rule(_)));
 }
+
+#[test]
+fn validators_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Validator>();
+}
