@@ -96,7 +96,7 @@ fn admit(
     obj: &mut Value,
     old: Option<&Value>,
     uri: &Uri,
-) -> Result<Vec<String>, Response> {
+) -> Result<Vec<String>, (u16, Value)> {
     let fv = query(uri, "fieldValidation")
         .and_then(|v| FieldValidation::parse(&v))
         .unwrap_or_default();
@@ -113,7 +113,7 @@ fn admit(
         },
     ) {
         Ok(a) => Ok(a.warnings),
-        Err(e @ (AdmitError::Invalid(_) | AdmitError::UnknownFields(_))) => Err(status(
+        Err(e @ (AdmitError::Invalid(_) | AdmitError::UnknownFields(_))) => Err((
             e.code(),
             e.status("ferry.dev", "v1alpha1", "VirtualMachine", &name),
         )),
@@ -230,7 +230,7 @@ fn handle(s: &Server, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u
             obj["metadata"]["creationTimestamp"] = json!(NOW);
             let warnings = match admit(s, &mut obj, None, uri) {
                 Ok(w) => w,
-                Err(r) => return r,
+                Err((code, body)) => return status(code, body),
             };
             let n = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
             objects.insert(n, obj.clone());
@@ -276,8 +276,8 @@ fn handle(s: &Server, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u
             if live.is_none() {
                 out["metadata"]["creationTimestamp"] = json!(NOW);
             }
-            if let Err(r) = admit(s, &mut out, live.as_ref(), uri) {
-                return r;
+            if let Err((code, body)) = admit(s, &mut out, live.as_ref(), uri) {
+                return status(code, body);
             }
             objects.insert(n.to_string(), out.clone());
             status(if live.is_some() { 200 } else { 201 }, out)
