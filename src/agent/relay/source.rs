@@ -1,0 +1,240 @@
+//! The source half: a unix socket QEMU migrates into, each accepted
+//! connection carried to the target agent.
+//!
+//! ```text
+//!  QEMU ──migrate unix:<sock>──► accept #i ──TCP connect──► TLS (server name = target host)
+//!                                             ──Hello{migration, source host, channel i}──►
+//!                                             ◄──Accept | Refuse{reason}──
+//!                                   Accept: pump both ways until EOF / error / cancel
+//!                                   Refuse / error: close QEMU's connection → QEMU fails the migration
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::meter::{RateLimiter, RelayCounters};
+use super::pump::pump;
+use super::wire::{self, Hello, Reply};
+use super::{ChannelReport, ClientTransport, MigrationRef, RelayError};
+
+/// How long connecting and the handshake to the target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the source relay of one migration needs.
+#[derive(Debug, Clone)]
+pub struct SourceRelayConfig {
+    /// The migration.
+    pub migration: MigrationRef,
+    /// This host's name (as in its certificate).
+    pub source_host: String,
+    /// The target host's name (checked against its certificate).
+    pub target_host: String,
+    /// The target agent's relay address (its migration network).
+    pub target_addr: SocketAddr,
+    /// The unix socket QEMU migrates into.
+    pub socket_path: PathBuf,
+    /// TLS (default) or plain (benchmarks only).
+    pub transport: ClientTransport,
+    /// Bandwidth limit for the whole migration, bytes/s; `None`: unlimited.
+    pub bandwidth: Option<u64>,
+}
+
+/// A running source relay. Dropping it cancels every channel.
+#[derive(Debug)]
+pub struct SourceRelay {
+    socket_path: PathBuf,
+    counters: Arc<RelayCounters>,
+    limiter: Arc<RateLimiter>,
+    cancel: CancellationToken,
+    reports: Arc<Mutex<Vec<ChannelReport>>>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl SourceRelay {
+    /// Binds the unix socket and starts accepting QEMU's connections.
+    pub async fn start(cfg: SourceRelayConfig) -> Result<SourceRelay, RelayError> {
+        // A stale socket from a crashed run would make bind fail.
+        let _ = std::fs::remove_file(&cfg.socket_path);
+        let listener = UnixListener::bind(&cfg.socket_path).map_err(|source| RelayError::Bind {
+            addr: cfg.socket_path.display().to_string(),
+            source,
+        })?;
+        let counters = Arc::new(RelayCounters::default());
+        let limiter = Arc::new(RateLimiter::new(cfg.bandwidth));
+        let cancel = CancellationToken::new();
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            Arc::new(cfg.clone()),
+            counters.clone(),
+            limiter.clone(),
+            cancel.clone(),
+            reports.clone(),
+        ));
+        Ok(SourceRelay {
+            socket_path: cfg.socket_path,
+            counters,
+            limiter,
+            cancel,
+            reports,
+            accept_task,
+        })
+    }
+
+    /// The socket to give QEMU (`migrate uri=unix:<this>`).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The migration's byte counters on this side.
+    pub fn counters(&self) -> &Arc<RelayCounters> {
+        &self.counters
+    }
+
+    /// The migration's bandwidth limiter (adjustable while running).
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+
+    /// How each finished channel ended, in order of completion.
+    pub fn reports(&self) -> Vec<ChannelReport> {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The first channel failure, if any (e.g. the target's refusal).
+    pub fn first_failure(&self) -> Option<ChannelReport> {
+        self.reports().into_iter().find(|r| r.error.is_some())
+    }
+
+    /// Closes every channel and stops accepting.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for SourceRelay {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.accept_task.abort();
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    cfg: Arc<SourceRelayConfig>,
+    counters: Arc<RelayCounters>,
+    limiter: Arc<RateLimiter>,
+    cancel: CancellationToken,
+    reports: Arc<Mutex<Vec<ChannelReport>>>,
+) {
+    let mut channel = 0u32;
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = cancel.cancelled() => return,
+        };
+        let conn = match conn {
+            Ok((c, _)) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "source relay accept failed");
+                continue;
+            }
+        };
+        let index = channel;
+        channel += 1;
+        let (cfg, counters, limiter, cancel, reports) = (
+            cfg.clone(),
+            counters.clone(),
+            limiter.clone(),
+            cancel.clone(),
+            reports.clone(),
+        );
+        tokio::spawn(async move {
+            let r = run_channel(conn, &cfg, index, &counters, &limiter, &cancel).await;
+            if let Err(e) = &r {
+                tracing::warn!(
+                    migration = %cfg.migration, channel = index, reason = e.reason(), error = %e,
+                    "source relay channel failed"
+                );
+            }
+            reports.lock().unwrap_or_else(|p| p.into_inner()).push(ChannelReport {
+                channel: index,
+                error: r.err().map(Arc::new),
+            });
+        });
+    }
+}
+
+async fn run_channel(
+    qemu: UnixStream,
+    cfg: &SourceRelayConfig,
+    index: u32,
+    counters: &RelayCounters,
+    limiter: &RateLimiter,
+    cancel: &CancellationToken,
+) -> Result<(), RelayError> {
+    let hello = Hello {
+        migration: cfg.migration.clone(),
+        source_host: cfg.source_host.clone(),
+        channel: index,
+    };
+    let connect = async {
+        let tcp = TcpStream::connect(cfg.target_addr)
+            .await
+            .map_err(|source| RelayError::Connect {
+                addr: cfg.target_addr,
+                source,
+            })?;
+        tune(&tcp);
+        match &cfg.transport {
+            ClientTransport::Tls(tls) => {
+                let name = rustls_pki_types::ServerName::try_from(cfg.target_host.clone())
+                    .map_err(|_| RelayError::Handshake(format!("bad target host {}", cfg.target_host)))?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(RelayError::Tls)?;
+                Ok(Box::new(stream) as Box<dyn Stream>)
+            }
+            ClientTransport::InsecurePlain => Ok::<_, RelayError>(Box::new(tcp) as Box<dyn Stream>),
+        }
+    };
+    let mut remote = tokio::select! {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => {
+            r.map_err(|_| RelayError::Handshake("connecting to the target timed out".into()))??
+        }
+        _ = cancel.cancelled() => return Err(RelayError::Cancelled),
+    };
+    let handshake = async {
+        wire::write_hello(&mut remote, &hello).await?;
+        wire::read_reply(&mut remote).await
+    };
+    let reply = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| RelayError::Handshake("the target did not answer the hello".into()))?
+        .map_err(|e| RelayError::Handshake(e.to_string()))?;
+    if let Reply::Refuse { reason, message } = reply {
+        return Err(RelayError::Refused { reason, message });
+    }
+    counters.channel_opened();
+    let r = pump(qemu, remote, counters, Some(limiter), cancel).await;
+    counters.channel_closed();
+    r.map_err(RelayError::from)
+}
+
+/// A bidirectional byte stream (TLS or plain TCP).
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Socket options of a relay TCP connection: no Nagle delay (the return
+/// path carries small latency-sensitive page requests in post-copy).
+pub(crate) fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+}

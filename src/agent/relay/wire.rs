@@ -1,0 +1,225 @@
+//! The relay's handshake frames.
+//!
+//! Every frame is a fixed 11-byte header and a bounded JSON body:
+//!
+//! ```text
+//!  0        4        6      7                11
+//!  ┌────────┬────────┬──────┬─────────────────┬───────────────────┐
+//!  │ "FRLY" │ ver u16│ kind │ body length u32 │ body (JSON) ≤ 4096 │
+//!  └────────┴────────┴──────┴─────────────────┴───────────────────┘
+//!  kind 1 Hello  (source → target): migration ref, claimed source host, channel
+//!  kind 2 Accept (target → source): {}           then raw migration bytes both ways
+//!  kind 3 Refuse (target → source): reason + message, then close
+//! ```
+//!
+//! Lengths are checked before anything is allocated; a frame of another
+//! version is answered with a `Refuse` of reason `UnsupportedVersion` in the
+//! target's own version so a newer source can tell what went wrong.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{MigrationRef, RefusalReason};
+
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"FRLY";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest body accepted (a Hello is a few hundred bytes).
+pub const MAX_BODY: u32 = 4096;
+
+const HEADER_LEN: usize = 11;
+
+/// The first frame of every relay connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// The Migration this stream belongs to.
+    pub migration: MigrationRef,
+    /// The host the sender claims to be (must match its certificate).
+    pub source_host: String,
+    /// Channel index within the migration (0 = first connection QEMU made).
+    pub channel: u32,
+}
+
+/// The target's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Reply {
+    /// Go ahead.
+    Accept,
+    /// Refused; the connection closes after this frame.
+    Refuse {
+        /// Why, from a closed set.
+        reason: RefusalReason,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// A handshake failure on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed or closed mid-frame.
+    #[error("reading or writing a handshake frame")]
+    Io(#[from] std::io::Error),
+    /// Not our protocol.
+    #[error("bad frame magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// Another protocol version.
+    #[error("peer speaks relay protocol version {0}, this agent {PROTOCOL_VERSION}")]
+    Version(u16),
+    /// Unknown frame kind.
+    #[error("unexpected frame kind {0}")]
+    Kind(u8),
+    /// Oversized body.
+    #[error("frame body of {0} bytes exceeds the limit of {MAX_BODY}")]
+    TooLarge(u32),
+    /// Body not decodable.
+    #[error("malformed frame body: {0}")]
+    Body(String),
+}
+
+const KIND_HELLO: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
+const KIND_REFUSE: u8 = 3;
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, body: &[u8]) -> Result<(), WireError> {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    if len > MAX_BODY {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(body);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame header and body. A version mismatch is reported after
+/// the body has been consumed so the connection can still carry a reply.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let magic = [h[0], h[1], h[2], h[3]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = u16::from_be_bytes([h[4], h[5]]);
+    let kind = h[6];
+    let len = u32::from_be_bytes([h[7], h[8], h[9], h[10]]);
+    if len > MAX_BODY {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok((kind, body))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, WireError> {
+    serde_json::to_vec(v).map_err(|e| WireError::Body(e.to_string()))
+}
+
+/// Sends the Hello.
+pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, hello: &Hello) -> Result<(), WireError> {
+    write_frame(w, KIND_HELLO, &encode(hello)?).await
+}
+
+/// Reads the Hello.
+pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireError> {
+    match read_frame(r).await? {
+        (KIND_HELLO, body) => {
+            serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))
+        }
+        (k, _) => Err(WireError::Kind(k)),
+    }
+}
+
+/// Sends the reply.
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Result<(), WireError> {
+    let kind = match reply {
+        Reply::Accept => KIND_ACCEPT,
+        Reply::Refuse { .. } => KIND_REFUSE,
+    };
+    write_frame(w, kind, &encode(reply)?).await
+}
+
+/// Reads the reply.
+pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, WireError> {
+    match read_frame(r).await? {
+        (KIND_ACCEPT | KIND_REFUSE, body) => {
+            serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))
+        }
+        (k, _) => Err(WireError::Kind(k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            migration: MigrationRef {
+                namespace: "default".into(),
+                name: "m1".into(),
+                uid: "u-1".into(),
+            },
+            source_host: "host-a".into(),
+            channel: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_and_replies_round_trip() {
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &hello()).await.unwrap();
+        assert_eq!(&buf[..4], b"FRLY");
+        assert_eq!(read_hello(&mut &buf[..]).await.unwrap(), hello());
+        for reply in [
+            Reply::Accept,
+            Reply::Refuse {
+                reason: RefusalReason::WrongSourceHost,
+                message: "no".into(),
+            },
+        ] {
+            let mut buf = Vec::new();
+            write_reply(&mut buf, &reply).await.unwrap();
+            assert_eq!(read_reply(&mut &buf[..]).await.unwrap(), reply);
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_rejected_before_allocation() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&MAGIC);
+        buf.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        buf.push(KIND_HELLO);
+        buf.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            read_hello(&mut &buf[..]).await,
+            Err(WireError::TooLarge(u32::MAX))
+        ));
+    }
+
+    #[tokio::test]
+    async fn other_versions_and_magic_are_named() {
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &hello()).await.unwrap();
+        buf[5] = 9;
+        assert!(matches!(read_hello(&mut &buf[..]).await, Err(WireError::Version(9))));
+        buf[0] = b'X';
+        assert!(matches!(read_hello(&mut &buf[..]).await, Err(WireError::BadMagic(_))));
+        let mut short = Vec::new();
+        write_hello(&mut short, &hello()).await.unwrap();
+        short.truncate(20);
+        assert!(matches!(read_hello(&mut &short[..]).await, Err(WireError::Io(_))));
+    }
+}
