@@ -17,8 +17,8 @@ use super::node::{Additional, Node};
 pub(crate) struct CelRules {
     compiled: kube_cel::CompiledSchema,
     /// rule text → the type of the schema node declaring it (the bad value
-    /// the real server prints).
-    rule_types: HashMap<String, String>,
+    /// the real server prints) and the rule's `fieldPath`.
+    rule_types: HashMap<String, (String, Option<String>)>,
 }
 
 impl std::fmt::Debug for CelRules {
@@ -29,9 +29,12 @@ impl std::fmt::Debug for CelRules {
     }
 }
 
-fn collect_rule_types(n: &Node, out: &mut HashMap<String, String>) {
-    for (rule, _) in &n.rules {
-        out.insert(rule.clone(), n.type_name().to_string());
+fn collect_rule_types(n: &Node, out: &mut HashMap<String, (String, Option<String>)>) {
+    for (rule, field_path) in &n.rules {
+        out.insert(
+            rule.clone(),
+            (n.type_name().to_string(), field_path.clone()),
+        );
     }
     for p in n.properties.values() {
         collect_rule_types(p, out);
@@ -65,21 +68,23 @@ impl CelRules {
         }))
     }
 
-    /// Evaluates the rules against `obj` (and `old` on update).
-    pub(crate) fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    /// Evaluates the rules against `obj` (and `old` on update), returning
+    /// each failure with the path of the schema node that declares the rule.
+    pub(crate) fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<(FieldError, String)> {
         let Err(errors) = kube_cel::validate_compiled(&self.compiled, obj, old) else {
             return Vec::new();
         };
         errors
             .iter()
             .map(|e| {
-                let ty = self
+                let (ty, field_path) = self
                     .rule_types
                     .get(&e.rule)
                     .cloned()
-                    .unwrap_or_else(|| "object".to_string());
+                    .unwrap_or_else(|| ("object".to_string(), None));
                 let field = e.field_path.as_str();
-                match e.kind {
+                let node = declaring_path(field, field_path.as_deref());
+                let error = match e.kind {
                     kube_cel::ErrorKind::ValidationFailure => {
                         match e
                             .reason
@@ -99,10 +104,24 @@ impl CelRules {
                         }
                     }
                     _ => FieldError::invalid(field, json!(ty), e.message.clone()),
-                }
+                };
+                (error, node)
             })
             .collect()
     }
+}
+
+/// The path of the node declaring a rule, from the path an error was
+/// reported at and the rule's `fieldPath`.
+fn declaring_path(reported: &str, field_path: Option<&str>) -> String {
+    let Some(fp) = field_path else {
+        return reported.to_string();
+    };
+    let fp = fp.strip_prefix('.').unwrap_or(fp);
+    reported
+        .strip_suffix(fp)
+        .map(|p| p.strip_suffix('.').unwrap_or(p).to_string())
+        .unwrap_or_else(|| reported.to_string())
 }
 
 /// The compile errors anywhere in the tree, as text.

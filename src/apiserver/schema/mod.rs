@@ -22,6 +22,7 @@ mod formats;
 pub mod meta;
 mod node;
 mod prune;
+mod ratchet;
 mod validate;
 
 #[cfg(test)]
@@ -198,11 +199,21 @@ impl Validator {
 
     /// Validates an already pruned and defaulted object: metadata, schema,
     /// embedded resources, then (unless a blocking error was found) the
-    /// CEL rules.
+    /// CEL rules. On update, errors about values the update did not change
+    /// are dropped (validation ratcheting).
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
+        let unchanged =
+            |path: &str| old.is_some_and(|o| ratchet::unchanged(&self.root, obj, o, path));
         let mut errs = validate_object_meta(obj.get("metadata"), "metadata");
         validate::validate(obj, &self.root, "", &mut errs);
         meta::validate_embedded(obj, &self.root, "", &mut errs);
+        errs.retain(|e| {
+            let path = match e.kind {
+                FieldErrorKind::Required => ratchet::parent(&e.field),
+                _ => e.field.as_str(),
+            };
+            !unchanged(path)
+        });
         if let Some(cel) = &self.cel {
             let blocking = errs.iter().any(|e| {
                 matches!(
@@ -217,7 +228,12 @@ impl Validator {
             if blocking {
                 errs.push(FieldError::invalid("", Value::Null, RULES_NOT_CHECKED));
             } else {
-                errs.extend(cel.validate(obj, old));
+                errs.extend(
+                    cel.validate(obj, old)
+                        .into_iter()
+                        .filter(|(_, node)| !unchanged(node))
+                        .map(|(e, _)| e),
+                );
             }
         }
         errs

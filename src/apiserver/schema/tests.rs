@@ -342,3 +342,57 @@ fn bad_schemas_fail_to_compile() {
     .unwrap_err();
     assert!(matches!(e, SchemaError::Rule(_)));
 }
+
+#[test]
+fn validators_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Validator>();
+}
+
+#[test]
+fn unchanged_invalid_values_are_ratcheted_on_update() {
+    let v = validator();
+    // Stored before the schema tightened: replicas out of range, a bad mode.
+    let old = obj(json!({"host": "h", "replicas": 50, "bandwidth": {"mode": "Custom"}}));
+    let mut update = old.clone();
+    update["spec"]["tags"] = json!(["new"]);
+    v.admit(&mut update, Some(&old), &AdmitOptions::default())
+        .expect("errors on untouched fields are ratcheted");
+    let mut touched = old.clone();
+    touched["spec"]["replicas"] = json!(60);
+    let e = v
+        .admit(&mut touched, Some(&old), &AdmitOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spec.replicas: Invalid value: 60: spec.replicas in body should be less than or equal to 10"
+    );
+    // Touching the node of a cross-field rule re-evaluates it.
+    let mut cross = old.clone();
+    cross["spec"]["bandwidth"]["limit"] = json!(0);
+    let e = v
+        .admit(&mut cross, Some(&old), &AdmitOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spec.bandwidth.limit: Invalid value: 0: spec.bandwidth.limit in body should be greater than or equal to 1"
+    );
+}
+
+#[test]
+fn ratcheting_judges_cel_rules_by_their_declaring_node() {
+    let v = validator();
+    let mut old = obj(json!({"host": "h"}));
+    v.admit(&mut old, None, &AdmitOptions::default()).unwrap();
+    // The rule reports on .limit, absent before and after; but its node
+    // (bandwidth) changed, so it is evaluated and fails.
+    let mut update = old.clone();
+    update["spec"]["bandwidth"]["mode"] = json!("Custom");
+    let e = v
+        .admit(&mut update, Some(&old), &AdmitOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"spec.bandwidth.limit: Invalid value: "object": limit is set exactly when mode is Custom"#
+    );
+}
