@@ -149,6 +149,16 @@ fn builtin_documents_carry_the_real_schema_names() {
     assert_eq!(d, &defs["io.k8s.api.apps.v1.Deployment"]);
     assert!(defs["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"].is_object());
     assert!(supports_field_validation(&doc, "apps", "v1", "Deployment"));
+    let containers = &defs["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
+    assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
+    assert_eq!(containers["x-kubernetes-patch-strategy"], "merge");
+    assert_eq!(containers["x-kubernetes-list-map-keys"], json!(["name"]));
+    let ports = &defs["io.k8s.api.core.v1.Container"]["properties"]["ports"];
+    assert_eq!(ports["x-kubernetes-patch-merge-key"], "containerPort");
+    assert_eq!(
+        defs["io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"]["x-kubernetes-map-type"],
+        "atomic"
+    );
     let core = v3_group_version(&res, "api/v1").unwrap();
     assert!(
         core["paths"]

@@ -19,6 +19,16 @@ pub(crate) struct CelRules {
     /// rule text → the type of the schema node declaring it (the bad value
     /// the real server prints) and the rule's `fieldPath`.
     rule_types: HashMap<String, (String, Option<String>)>,
+    /// Whether the schema has `x-kubernetes-list-type: map` lists, whose
+    /// items need `oldSelf` matched by key.
+    pub(crate) has_map_lists: bool,
+}
+
+fn has_map_lists(n: &Node) -> bool {
+    n.list_type.as_deref() == Some("map")
+        || n.properties.values().any(has_map_lists)
+        || matches!(&n.additional, Some(Additional::Schema(a)) if has_map_lists(a))
+        || n.items.as_deref().is_some_and(has_map_lists)
 }
 
 impl std::fmt::Debug for CelRules {
@@ -65,6 +75,7 @@ impl CelRules {
         Ok(Some(Self {
             compiled,
             rule_types,
+            has_map_lists: has_map_lists(root),
         }))
     }
 

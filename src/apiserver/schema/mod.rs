@@ -228,8 +228,22 @@ impl Validator {
             if blocking {
                 errs.push(FieldError::invalid("", Value::Null, RULES_NOT_CHECKED));
             } else {
+                let mut failures = cel.validate(obj, old);
+                if let Some(o) = old
+                    && cel.has_map_lists
+                {
+                    // Inside map-list items `oldSelf` is the item with the
+                    // same keys, not the one at the same index.
+                    let aligned = ratchet::align_old(&self.root, obj, o);
+                    failures.retain(|(_, node)| !ratchet::inside_map_item(&self.root, node));
+                    failures.extend(
+                        cel.validate(obj, Some(&aligned))
+                            .into_iter()
+                            .filter(|(_, node)| ratchet::inside_map_item(&self.root, node)),
+                    );
+                }
                 errs.extend(
-                    cel.validate(obj, old)
+                    failures
                         .into_iter()
                         .filter(|(_, node)| !unchanged(node))
                         .map(|(e, _)| e),

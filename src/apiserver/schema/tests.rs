@@ -396,3 +396,44 @@ fn ratcheting_judges_cel_rules_by_their_declaring_node() {
         r#"spec.bandwidth.limit: Invalid value: "object": limit is set exactly when mode is Custom"#
     );
 }
+
+#[test]
+fn transition_rules_in_map_list_items_see_the_item_with_the_same_key() {
+    let v = Validator::from_schema(&json!({"type": "object", "properties": {
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "properties": {"disks": {
+            "type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+            "x-kubernetes-validations": [{"rule": "size(self) <= 3", "message": "at most 3 disks"}],
+            "items": {"type": "object", "properties": {
+                "name": {"type": "string"},
+                "size": {"type": "string", "x-kubernetes-validations": [
+                    {"rule": "self == oldSelf", "message": "size is immutable"}]}}}}}}}}))
+    .unwrap();
+    let mk = |disks: Value| json!({"metadata": {"name": "x"}, "spec": {"disks": disks}});
+    let old = mk(json!([{"name": "a", "size": "1"}, {"name": "b", "size": "2"}]));
+    // Reordered and a new disk inserted first: no size changed.
+    let mut reordered = mk(
+        json!([{"name": "c", "size": "9"}, {"name": "b", "size": "2"}, {"name": "a", "size": "1"}]),
+    );
+    v.admit(&mut reordered, Some(&old), &AdmitOptions::default())
+        .expect("items are matched by name, a new item has no oldSelf");
+    let mut changed = mk(json!([{"name": "b", "size": "2"}, {"name": "a", "size": "5"}]));
+    let e = v
+        .admit(&mut changed, Some(&old), &AdmitOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"spec.disks[1].size: Invalid value: "string": size is immutable"#
+    );
+    let mut too_many = mk(
+        json!([{"name": "a", "size": "1"}, {"name": "b", "size": "2"},
+                                 {"name": "c", "size": "3"}, {"name": "d", "size": "4"}]),
+    );
+    let e = v
+        .admit(&mut too_many, Some(&old), &AdmitOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"spec.disks: Invalid value: "array": at most 3 disks"#
+    );
+}
