@@ -1,10 +1,10 @@
 //! The node agent.
 
+pub mod daemon;
 pub mod guest;
 pub mod migrate;
 pub mod pki;
 pub mod qemu;
 pub mod qmp;
 pub mod relay;
-pub mod daemon;
 pub mod vms;

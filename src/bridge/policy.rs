@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use kube::ResourceExt;
 
+use crate::api::MigrationPolicy;
 use crate::api::policy::{
     BandwidthMode, ConvergenceMode, MigrationPolicySpec, ResiliencePolicy, SchedulingPolicy,
 };
-use crate::api::MigrationPolicy;
 use crate::core::policy::{
-    self as core_policy, EffectivePolicy, LabelSelector, PolicyCandidate, PolicyError, PolicyOverrides,
-    PolicySource, Requirement, SelectorOp, Selection,
+    self as core_policy, EffectivePolicy, LabelSelector, PolicyCandidate, PolicyError,
+    PolicyOverrides, PolicySource, Requirement, Selection, SelectorOp,
 };
 
 /// The overrides a policy object writes (every field the API defaulted is
@@ -23,7 +23,9 @@ pub fn overrides(spec: &MigrationPolicySpec) -> PolicyOverrides {
         convergence: Some(match spec.convergence.mode {
             ConvergenceMode::MinimalDowntime => core_policy::ConvergenceMode::MinimalDowntime,
             ConvergenceMode::PostCopy => core_policy::ConvergenceMode::PostCopy,
-            ConvergenceMode::SuspendWorkloadIfNeeded => core_policy::ConvergenceMode::SuspendWorkloadIfNeeded,
+            ConvergenceMode::SuspendWorkloadIfNeeded => {
+                core_policy::ConvergenceMode::SuspendWorkloadIfNeeded
+            }
             ConvergenceMode::Legacy => core_policy::ConvergenceMode::Legacy,
         }),
         downtime_limit: Some(spec.convergence.downtime_limit.get()),
@@ -42,10 +44,16 @@ pub fn overrides(spec: &MigrationPolicySpec) -> PolicyOverrides {
         parallel_inbound_per_host: Some(spec.limits.parallel_inbound_per_host),
         scheduling_policy: Some(match s.policy {
             SchedulingPolicy::None => core_policy::SchedulingPolicyKind::None,
-            SchedulingPolicy::EvenlyDistributed => core_policy::SchedulingPolicyKind::EvenlyDistributed,
+            SchedulingPolicy::EvenlyDistributed => {
+                core_policy::SchedulingPolicyKind::EvenlyDistributed
+            }
             SchedulingPolicy::PowerSaving => core_policy::SchedulingPolicyKind::PowerSaving,
-            SchedulingPolicy::VmEvenlyDistributed => core_policy::SchedulingPolicyKind::VmEvenlyDistributed,
-            SchedulingPolicy::InClusterUpgrade => core_policy::SchedulingPolicyKind::InClusterUpgrade,
+            SchedulingPolicy::VmEvenlyDistributed => {
+                core_policy::SchedulingPolicyKind::VmEvenlyDistributed
+            }
+            SchedulingPolicy::InClusterUpgrade => {
+                core_policy::SchedulingPolicyKind::InClusterUpgrade
+            }
         }),
         high_utilization: Some(s.high_utilization),
         low_utilization: Some(s.low_utilization),
@@ -53,13 +61,21 @@ pub fn overrides(spec: &MigrationPolicySpec) -> PolicyOverrides {
         high_vm_count: Some(s.high_vm_count),
         migration_threshold: Some(s.migration_threshold),
         spm_vm_grace: Some(s.spm_vm_grace),
-        max_free_memory_for_over_utilized: s.max_free_memory_for_over_utilized.as_ref().map(|q| q.bytes()),
-        min_free_memory_for_under_utilized: s.min_free_memory_for_under_utilized.as_ref().map(|q| q.bytes()),
+        max_free_memory_for_over_utilized: s
+            .max_free_memory_for_over_utilized
+            .as_ref()
+            .map(|q| q.bytes()),
+        min_free_memory_for_under_utilized: s
+            .min_free_memory_for_under_utilized
+            .as_ref()
+            .map(|q| q.bytes()),
         balancing_enabled: Some(s.balancing.enabled),
         balancing_interval: Some(s.balancing.interval.get()),
         resilience: Some(match spec.resilience.policy {
             ResiliencePolicy::MigrateAll => core_policy::ResiliencePolicy::MigrateAll,
-            ResiliencePolicy::MigrateHighlyAvailableOnly => core_policy::ResiliencePolicy::MigrateHighlyAvailableOnly,
+            ResiliencePolicy::MigrateHighlyAvailableOnly => {
+                core_policy::ResiliencePolicy::MigrateHighlyAvailableOnly
+            }
             ResiliencePolicy::DoNotMigrate => core_policy::ResiliencePolicy::DoNotMigrate,
         }),
         fence_after: Some(spec.resilience.fence_after.get()),
@@ -71,7 +87,9 @@ pub fn overrides(spec: &MigrationPolicySpec) -> PolicyOverrides {
 
 /// A Kubernetes label selector as the core's plain selector.
 pub fn selector(s: Option<&meta::LabelSelector>) -> LabelSelector {
-    let Some(s) = s else { return LabelSelector::default() };
+    let Some(s) = s else {
+        return LabelSelector::default();
+    };
     LabelSelector {
         match_labels: s.match_labels.clone().unwrap_or_default(),
         match_expressions: s
@@ -110,8 +128,13 @@ pub fn resolve(
         })
         .collect();
     let selection = core_policy::select(explicit, &candidates, vm_labels, namespace_labels);
-    let effective = match selection.name().and_then(|name| policies.iter().find(|p| p.name_any() == name)) {
-        Some(p) => EffectivePolicy::resolve(PolicySource::Named(p.name_any()), &overrides(&p.spec))?,
+    let effective = match selection
+        .name()
+        .and_then(|name| policies.iter().find(|p| p.name_any() == name))
+    {
+        Some(p) => {
+            EffectivePolicy::resolve(PolicySource::Named(p.name_any()), &overrides(&p.spec))?
+        }
         None => EffectivePolicy::default(),
     };
     Ok((selection, effective))
@@ -128,8 +151,13 @@ mod tests {
     #[test]
     fn an_empty_policy_resolves_to_the_api_defaults() {
         let p = policy("default", "{}");
-        let effective = EffectivePolicy::resolve(PolicySource::Named("default".into()), &overrides(&p.spec)).unwrap();
-        assert_eq!(effective.convergence.downtime_limit, std::time::Duration::from_millis(300));
+        let effective =
+            EffectivePolicy::resolve(PolicySource::Named("default".into()), &overrides(&p.spec))
+                .unwrap();
+        assert_eq!(
+            effective.convergence.downtime_limit,
+            std::time::Duration::from_millis(300)
+        );
         assert_eq!(effective.limits.per_cluster, 5);
         assert!(effective.resilience.fence_after < effective.resilience.evacuate_after);
     }
@@ -138,12 +166,19 @@ mod tests {
     fn the_most_specific_matching_policy_wins() {
         let policies = [
             policy("everyone", "{}"),
-            policy("databases", "{selector: {matchLabels: {tier: database}}, convergence: {mode: PostCopy}}"),
+            policy(
+                "databases",
+                "{selector: {matchLabels: {tier: database}}, convergence: {mode: PostCopy}}",
+            ),
         ];
-        let labels: BTreeMap<String, String> = [("tier".to_string(), "database".to_string())].into();
+        let labels: BTreeMap<String, String> =
+            [("tier".to_string(), "database".to_string())].into();
         let (selection, effective) = resolve(&policies, None, &labels, &BTreeMap::new()).unwrap();
         assert_eq!(selection.name(), Some("databases"));
-        assert_eq!(effective.convergence.mode, core_policy::ConvergenceMode::PostCopy);
+        assert_eq!(
+            effective.convergence.mode,
+            core_policy::ConvergenceMode::PostCopy
+        );
         let (selection, _) = resolve(&policies, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
         assert_eq!(selection.name(), Some("everyone"));
     }
@@ -153,7 +188,9 @@ mod tests {
         let p = policy("capped", "{bandwidth: {mode: Custom, limit: 100Mi}}");
         assert_eq!(
             overrides(&p.spec).bandwidth,
-            Some(core_policy::Bandwidth::Custom { bytes_per_sec: 100 << 20 })
+            Some(core_policy::Bandwidth::Custom {
+                bytes_per_sec: 100 << 20
+            })
         );
     }
 }

@@ -67,13 +67,21 @@ pub async fn reconcile(agent: &Arc<Agent>) {
     for m in agent.migration_store.state() {
         let Some(uid) = m.uid() else { continue };
         let status = m.status.clone().unwrap_or_default();
-        let running_here = agent.halves.lock().map(|h| h.contains_key(&uid)).unwrap_or(true);
+        let running_here = agent
+            .halves
+            .lock()
+            .map(|h| h.contains_key(&uid))
+            .unwrap_or(true);
         if running_here {
             continue;
         }
-        let role = if status.target_host.as_deref() == Some(me.as_str()) && m.spec.migration_type == MigrationType::Live {
+        let role = if status.target_host.as_deref() == Some(me.as_str())
+            && m.spec.migration_type == MigrationType::Live
+        {
             Role::Target
-        } else if status.source_host.as_deref() == Some(me.as_str()) && m.spec.migration_type != MigrationType::Evacuate {
+        } else if status.source_host.as_deref() == Some(me.as_str())
+            && m.spec.migration_type != MigrationType::Evacuate
+        {
             Role::Source
         } else {
             continue;
@@ -82,17 +90,38 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             Role::Target => status.target.as_ref(),
             Role::Source => status.source.as_ref(),
         };
-        let lost = report.is_some_and(|r| matches!(r.state, AgentState::Preparing | AgentState::Ready | AgentState::Transferring | AgentState::PostCopyActive));
+        let lost = report.is_some_and(|r| {
+            matches!(
+                r.state,
+                AgentState::Preparing
+                    | AgentState::Ready
+                    | AgentState::Transferring
+                    | AgentState::PostCopyActive
+            )
+        });
         if migration_owns_qemus(status.phase) && lost {
             let m = m.clone();
             let message = format!(
                 "the agent on {me} restarted during the migration; the stream it carried is gone{}",
-                if role == Role::Source { " and the VM keeps running here" } else { "" }
+                if role == Role::Source {
+                    " and the VM keeps running here"
+                } else {
+                    ""
+                }
             );
             tokio::spawn({
                 let agent = agent.clone();
                 async move {
-                    report_half(&agent, &m, role, AgentState::Failed, Some("AgentRestarted"), Some(message), None).await;
+                    report_half(
+                        &agent,
+                        &m,
+                        role,
+                        AgentState::Failed,
+                        Some("AgentRestarted"),
+                        Some(message),
+                        None,
+                    )
+                    .await;
                 }
             });
             continue;
@@ -106,7 +135,12 @@ pub async fn reconcile(agent: &Arc<Agent>) {
         }
         let cancel = CancellationToken::new();
         if let Ok(mut halves) = agent.halves.lock() {
-            halves.insert(uid.clone(), Half { cancel: cancel.clone() });
+            halves.insert(
+                uid.clone(),
+                Half {
+                    cancel: cancel.clone(),
+                },
+            );
         }
         let agent = agent.clone();
         let m = (*m).clone();
@@ -144,10 +178,15 @@ fn current(agent: &Agent, m: &Migration) -> Option<Arc<Migration>> {
 /// phase, a deletion, a cancel or the `AbortRequested` condition.
 fn abort_wanted(m: &Migration) -> bool {
     let status = m.status.clone().unwrap_or_default();
-    matches!(status.phase, MigrationPhase::Failed | MigrationPhase::Cancelled)
-        || m.metadata.deletion_timestamp.is_some()
+    matches!(
+        status.phase,
+        MigrationPhase::Failed | MigrationPhase::Cancelled
+    ) || m.metadata.deletion_timestamp.is_some()
         || m.spec.cancel
-        || status.conditions.iter().any(|c| c.type_ == "AbortRequested" && c.status == "True")
+        || status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "AbortRequested" && c.status == "True")
 }
 
 /// Write this agent's report (and optionally more status fields).
@@ -170,7 +209,13 @@ async fn report_half(
     report_with(agent, m, role, report, extra).await;
 }
 
-async fn report_with(agent: &Agent, m: &Migration, role: Role, report: AgentReport, extra: Option<serde_json::Value>) {
+async fn report_with(
+    agent: &Agent,
+    m: &Migration,
+    role: Role,
+    report: AgentReport,
+    extra: Option<serde_json::Value>,
+) {
     let key = match role {
         Role::Source => "source",
         Role::Target => "target",
@@ -179,9 +224,17 @@ async fn report_with(agent: &Agent, m: &Migration, role: Role, report: AgentRepo
     if let (Some(serde_json::Value::Object(extra)), Some(map)) = (extra, status.as_object_mut()) {
         map.extend(extra);
     }
-    let api: Api<Migration> = Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
+    let api: Api<Migration> =
+        Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
     let patch = serde_json::json!({ "status": status });
-    if let Err(e) = api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    if let Err(e) = api
+        .patch_status(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
         tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed");
     }
 }
@@ -195,7 +248,10 @@ async fn effective_policy(agent: &Agent, m: &Migration) -> (EffectivePolicy, u32
     let api: Api<MigrationPolicy> = Api::all(agent.client.clone());
     match api.get(&name).await {
         Ok(p) => {
-            let resolved = EffectivePolicy::resolve(PolicySource::Named(name.clone()), &crate::bridge::policy::overrides(&p.spec));
+            let resolved = EffectivePolicy::resolve(
+                PolicySource::Named(name.clone()),
+                &crate::bridge::policy::overrides(&p.spec),
+            );
             match resolved {
                 Ok(e) => (e, p.spec.parallel_connections),
                 Err(e) => {
@@ -214,16 +270,25 @@ async fn effective_policy(agent: &Agent, m: &Migration) -> (EffectivePolicy, u32
 /// Whether this host can do post-copy (userfaultfd as root, or allowed to all).
 fn post_copy_available() -> bool {
     nix::unistd::geteuid().is_root()
-        || std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|v| v.trim() == "1")
+        || std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+            .is_ok_and(|v| v.trim() == "1")
 }
 
 /// The executor's configuration from the effective policy.
-fn migration_config(policy: &EffectivePolicy, channels: u32, stall_floor: Duration) -> MigrationConfig {
+fn migration_config(
+    policy: &EffectivePolicy,
+    channels: u32,
+    stall_floor: Duration,
+) -> MigrationConfig {
     let c = &policy.convergence;
     let legacy = c.mode == core_policy::ConvergenceMode::Legacy;
     MigrationConfig {
         // Legacy keeps QEMU's defaults: 300 ms and its own bandwidth cap.
-        downtime_limit: if legacy { Duration::from_millis(300) } else { c.downtime_limit },
+        downtime_limit: if legacy {
+            Duration::from_millis(300)
+        } else {
+            c.downtime_limit
+        },
         bandwidth: match policy.bandwidth {
             _ if legacy => Bandwidth::HypervisorDefault,
             core_policy::Bandwidth::Auto => Bandwidth::Auto,
@@ -234,56 +299,103 @@ fn migration_config(policy: &EffectivePolicy, channels: u32, stall_floor: Durati
         postcopy: c.mode == core_policy::ConvergenceMode::PostCopy && post_copy_available(),
         // Enabled from the start: QEMU throttles only when the guest dirties
         // faster than the link carries (its trigger threshold).
-        auto_converge: (c.mode == core_policy::ConvergenceMode::SuspendWorkloadIfNeeded).then_some(Throttle {
-            initial: convergence::THROTTLE_INITIAL,
-            increment: convergence::THROTTLE_INCREMENT,
-        }),
+        auto_converge: (c.mode == core_policy::ConvergenceMode::SuspendWorkloadIfNeeded).then_some(
+            Throttle {
+                initial: convergence::THROTTLE_INITIAL,
+                increment: convergence::THROTTLE_INCREMENT,
+            },
+        ),
         stall_timeout: convergence::stall_timeout(c).max(stall_floor),
         sample_interval: Duration::from_secs(1),
     }
 }
 
 async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
-    report_half(agent, m, Role::Target, AgentState::Preparing, None, None, None).await;
+    report_half(
+        agent,
+        m,
+        Role::Target,
+        AgentState::Preparing,
+        None,
+        None,
+        None,
+    )
+    .await;
     let namespace = m.namespace().unwrap_or_default();
-    let vm = agent
-        .vm_store
-        .state()
-        .into_iter()
-        .find(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name);
+    let vm = agent.vm_store.state().into_iter().find(|v| {
+        v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name
+    });
     let Some(vm) = vm else {
         let message = format!("VirtualMachine {namespace}/{} not found", m.spec.vm_name);
-        report_half(agent, m, Role::Target, AgentState::Failed, Some("VmNotFound"), Some(message), None).await;
+        report_half(
+            agent,
+            m,
+            Role::Target,
+            AgentState::Failed,
+            Some("VmNotFound"),
+            Some(message),
+            None,
+        )
+        .await;
         return;
     };
     let spec = match machine_spec(&vm, &agent.config.state_dir) {
         Ok(spec) => spec,
         Err(e) => {
-            report_half(agent, m, Role::Target, AgentState::Failed, Some("TargetPreparationFailed"), Some(e.to_string()), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Target,
+                AgentState::Failed,
+                Some("TargetPreparationFailed"),
+                Some(e.to_string()),
+                None,
+            )
+            .await;
             return;
         }
     };
     let (policy, channels) = effective_policy(agent, m).await;
     let config = migration_config(&policy, channels, agent.config.stall_timeout);
     // A dead QEMU of an earlier attempt may still be in the manager.
-    if agent.vms.get(&spec.name).await.is_some_and(|p| !p.is_alive()) {
+    if agent
+        .vms
+        .get(&spec.name)
+        .await
+        .is_some_and(|p| !p.is_alive())
+    {
         agent.vms.forget(&spec.name).await;
     }
     let handle = match migrate::prepare_target(&agent.vms, &spec, &config).await {
         Ok(h) => h,
         Err(e) => {
-            report_half(agent, m, Role::Target, AgentState::Failed, Some("TargetPreparationFailed"), Some(chain(&e)), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Target,
+                AgentState::Failed,
+                Some("TargetPreparationFailed"),
+                Some(chain(&e)),
+                None,
+            )
+            .await;
             return;
         }
     };
     let Some(uid) = m.uid() else { return };
-    let source_host = m.status.as_ref().and_then(|s| s.source_host.clone()).unwrap_or_default();
+    let source_host = m
+        .status
+        .as_ref()
+        .and_then(|s| s.source_host.clone())
+        .unwrap_or_default();
     let migration = MigrationRef {
         namespace: namespace.clone(),
         name: m.name_any(),
         uid: uid.clone(),
     };
-    let _delivery = agent.table.expect(migration, &source_host, handle.incoming_socket());
+    let _delivery = agent
+        .table
+        .expect(migration, &source_host, handle.incoming_socket());
     report_half(agent, m, Role::Target, AgentState::Ready, None, None, None).await;
 
     let outcome = tokio::select! {
@@ -292,22 +404,61 @@ async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
     };
     match outcome {
         Some(Ok(())) => {
-            report_half(agent, m, Role::Target, AgentState::Running, None, Some(format!("the guest runs on {}", agent.config.host)), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Target,
+                AgentState::Running,
+                None,
+                Some(format!("the guest runs on {}", agent.config.host)),
+                None,
+            )
+            .await;
             // Keep the relay entry until the migration is final (post-copy
             // recovery would come through it).
-            wait_until(agent, m, cancel, |m| !migration_owns_qemus(m.status.clone().unwrap_or_default().phase)).await;
+            wait_until(agent, m, cancel, |m| {
+                !migration_owns_qemus(m.status.clone().unwrap_or_default().phase)
+            })
+            .await;
         }
         Some(Err(e)) => {
             let expected = current(agent, m).is_some_and(|m| abort_wanted(&m));
             if !expected {
-                report_half(agent, m, Role::Target, AgentState::Failed, Some("TargetExited"), Some(chain(&e)), None).await;
+                report_half(
+                    agent,
+                    m,
+                    Role::Target,
+                    AgentState::Failed,
+                    Some("TargetExited"),
+                    Some(chain(&e)),
+                    None,
+                )
+                .await;
             }
             let _ = handle.abort(&agent.vms).await;
-            report_half(agent, m, Role::Target, AgentState::CleanedUp, None, None, None).await;
+            report_half(
+                agent,
+                m,
+                Role::Target,
+                AgentState::CleanedUp,
+                None,
+                None,
+                None,
+            )
+            .await;
         }
         None => {
             let _ = handle.abort(&agent.vms).await;
-            report_half(agent, m, Role::Target, AgentState::CleanedUp, None, Some("the migration ended before the guest ran here".into()), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Target,
+                AgentState::CleanedUp,
+                None,
+                Some("the migration ended before the guest ran here".into()),
+                None,
+            )
+            .await;
         }
     }
     agent.table.remove(&uid);
@@ -315,7 +466,12 @@ async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
 
 /// Wait until `done` holds for the cached Migration (or it is gone, or the
 /// agent shuts down).
-async fn wait_until(agent: &Agent, m: &Migration, cancel: &CancellationToken, done: impl Fn(&Migration) -> bool) {
+async fn wait_until(
+    agent: &Agent,
+    m: &Migration,
+    cancel: &CancellationToken,
+    done: impl Fn(&Migration) -> bool,
+) {
     loop {
         match current(agent, m) {
             Some(now) if !done(&now) => {}
@@ -430,22 +586,72 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
     let namespace = m.namespace().unwrap_or_default();
     let name = local_name(&namespace, &m.spec.vm_name);
     let Some(vm) = agent.vms.get(&name).await.filter(|p| p.is_alive()) else {
-        let message = format!("VM {namespace}/{} does not run on {}", m.spec.vm_name, agent.config.host);
-        report_half(agent, m, Role::Source, AgentState::Failed, Some("VmNotRunning"), Some(message), None).await;
+        let message = format!(
+            "VM {namespace}/{} does not run on {}",
+            m.spec.vm_name, agent.config.host
+        );
+        report_half(
+            agent,
+            m,
+            Role::Source,
+            AgentState::Failed,
+            Some("VmNotRunning"),
+            Some(message),
+            None,
+        )
+        .await;
         return;
     };
     if m.spec.migration_type == MigrationType::Cold {
-        report_half(agent, m, Role::Source, AgentState::Transferring, None, Some("stopping the guest".into()), None).await;
+        report_half(
+            agent,
+            m,
+            Role::Source,
+            AgentState::Transferring,
+            None,
+            Some("stopping the guest".into()),
+            None,
+        )
+        .await;
         return match agent.vms.stop(&name, Duration::from_secs(10)).await {
             Ok(()) => {
-                let message = "the guest is stopped here; it starts on the target with the same identity".to_string();
-                report_half(agent, m, Role::Source, AgentState::SwitchedOver, None, Some(message), None).await
+                let message =
+                    "the guest is stopped here; it starts on the target with the same identity"
+                        .to_string();
+                report_half(
+                    agent,
+                    m,
+                    Role::Source,
+                    AgentState::SwitchedOver,
+                    None,
+                    Some(message),
+                    None,
+                )
+                .await
             }
-            Err(e) => report_half(agent, m, Role::Source, AgentState::Failed, Some("TransferFailed"), Some(chain(&e)), None).await,
+            Err(e) => {
+                report_half(
+                    agent,
+                    m,
+                    Role::Source,
+                    AgentState::Failed,
+                    Some("TransferFailed"),
+                    Some(chain(&e)),
+                    None,
+                )
+                .await
+            }
         };
     }
-    let target_host = m.status.as_ref().and_then(|s| s.target_host.clone()).unwrap_or_default();
-    let endpoint = match Api::<Host>::all(agent.client.clone()).get(&target_host).await {
+    let target_host = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target_host.clone())
+        .unwrap_or_default();
+    let endpoint = match Api::<Host>::all(agent.client.clone())
+        .get(&target_host)
+        .await
+    {
         Ok(h) => h.spec.migration_endpoint.clone(),
         Err(e) => {
             tracing::warn!(host = %target_host, error = %e, "reading the target host");
@@ -453,12 +659,24 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
         }
     };
     let target_addr = match endpoint {
-        Some(ep) => tokio::net::lookup_host(ep.as_str()).await.ok().and_then(|mut a| a.next()),
+        Some(ep) => tokio::net::lookup_host(ep.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next()),
         None => None,
     };
     let Some(target_addr) = target_addr else {
         let message = format!("host {target_host} has no reachable migration endpoint");
-        report_half(agent, m, Role::Source, AgentState::Failed, Some("TransferFailed"), Some(message), None).await;
+        report_half(
+            agent,
+            m,
+            Role::Source,
+            AgentState::Failed,
+            Some("TransferFailed"),
+            Some(message),
+            None,
+        )
+        .await;
         return;
     };
     let (policy, channels) = effective_policy(agent, m).await;
@@ -481,12 +699,30 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
     let relay = match relay {
         Ok(r) => r,
         Err(e) => {
-            report_half(agent, m, Role::Source, AgentState::Failed, Some("TransferFailed"), Some(chain(&e)), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Source,
+                AgentState::Failed,
+                Some("TransferFailed"),
+                Some(chain(&e)),
+                None,
+            )
+            .await;
             return;
         }
     };
     let started = Timestamp::now();
-    report_half(agent, m, Role::Source, AgentState::Transferring, None, None, None).await;
+    report_half(
+        agent,
+        m,
+        Role::Source,
+        AgentState::Transferring,
+        None,
+        None,
+        None,
+    )
+    .await;
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let mut policy_hook = CoreConvergence {
@@ -504,7 +740,11 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
     let mut observer = move |s: &ProgressSample| {
         let _ = progress_tx.send(Some(s.clone()));
     };
-    let writer = tokio::spawn(write_progress(agent_handle(agent, m), progress_rx, shared.clone()));
+    let writer = tokio::spawn(write_progress(
+        agent_handle(agent, m),
+        progress_rx,
+        shared.clone(),
+    ));
     let abort = CancellationToken::new();
     let watcher = {
         let abort = abort.clone();
@@ -522,17 +762,32 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
             }
         })
     };
-    let result = migrate::run_source(&vm, &relay, &config, &mut policy_hook, &mut observer, &abort).await;
+    let result = migrate::run_source(
+        &vm,
+        &relay,
+        &config,
+        &mut policy_hook,
+        &mut observer,
+        &abort,
+    )
+    .await;
     watcher.abort();
     writer.abort();
-    let elapsed_ms = u64::try_from((Timestamp::now() - started).total(k8s_openapi::jiff::Unit::Millisecond).unwrap_or(0.0) as i64).unwrap_or(0);
+    let elapsed_ms = u64::try_from(
+        (Timestamp::now() - started)
+            .total(k8s_openapi::jiff::Unit::Millisecond)
+            .unwrap_or(0.0) as i64,
+    )
+    .unwrap_or(0);
     match result {
         Ok(done) => {
             // The guest runs on the target once it says so; wait for that
             // before declaring the switchover, within reason.
             let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
                 loop {
-                    let target = current(agent, m).and_then(|m| m.status.clone()).and_then(|s| s.target);
+                    let target = current(agent, m)
+                        .and_then(|m| m.status.clone())
+                        .and_then(|s| s.target);
                     match target.map(|t| t.state) {
                         Some(AgentState::Running) => return true,
                         Some(AgentState::Failed | AgentState::CleanedUp) => return false,
@@ -546,8 +801,19 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
                 // The target agent saw its QEMU die after the stream ended:
                 // the paused source is the only copy left, resume it.
                 let _ = vm.qmp().execute(&crate::agent::qmp::Cont {}).await;
-                let message = "the target QEMU died at switchover; the guest was resumed on the source".to_string();
-                report_half(agent, m, Role::Source, AgentState::Failed, Some("TransferFailed"), Some(message), None).await;
+                let message =
+                    "the target QEMU died at switchover; the guest was resumed on the source"
+                        .to_string();
+                report_half(
+                    agent,
+                    m,
+                    Role::Source,
+                    AgentState::Failed,
+                    Some("TransferFailed"),
+                    Some(message),
+                    None,
+                )
+                .await;
                 return;
             }
             let last = done.samples.last();
@@ -558,7 +824,9 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
                 memory_remaining: 0,
                 dirty_rate: last.map_or(0, |s| s.dirty_rate),
                 throughput: last.map_or(0, |s| s.throughput),
-                expected_downtime_ms: last.and_then(|s| s.expected_downtime).map_or(0, |d| d.as_millis() as u64),
+                expected_downtime_ms: last
+                    .and_then(|s| s.expected_downtime)
+                    .map_or(0, |d| d.as_millis() as u64),
                 percent: 100,
                 eta_seconds: None,
                 converging: true,
@@ -580,21 +848,55 @@ async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
                 done.relay_forward_bytes,
                 done.downtime.as_millis()
             );
-            report_half(agent, m, Role::Source, AgentState::SwitchedOver, None, Some(message), Some(extra)).await;
+            report_half(
+                agent,
+                m,
+                Role::Source,
+                AgentState::SwitchedOver,
+                None,
+                Some(message),
+                Some(extra),
+            )
+            .await;
         }
         Err(MigrationError::Cancelled) => {
-            report_half(agent, m, Role::Source, AgentState::Aborted, None, Some("the transfer was cancelled; the guest runs here".into()), None).await;
+            report_half(
+                agent,
+                m,
+                Role::Source,
+                AgentState::Aborted,
+                None,
+                Some("the transfer was cancelled; the guest runs here".into()),
+                None,
+            )
+            .await;
         }
         Err(e) => {
             let policy_reason = shared.lock().ok().and_then(|s| s.abort_reason.clone());
             let reason = match (&e, policy_reason.as_deref()) {
                 (MigrationError::Aborted(_), Some(r)) => r.to_string(),
                 (MigrationError::Stalled { .. }, _) => "TransferStalled".into(),
-                (MigrationError::Relay(r), _) if r.reason().contains("Refus") => "PeerRejected".into(),
+                (MigrationError::Relay(r), _) if r.reason().contains("Refus") => {
+                    "PeerRejected".into()
+                }
                 _ => "TransferFailed".into(),
             };
-            let message = format!("{} ({}); the guest keeps running on {}", chain(&e), e.reason(), agent.config.host);
-            report_half(agent, m, Role::Source, AgentState::Failed, Some(&reason), Some(message), None).await;
+            let message = format!(
+                "{} ({}); the guest keeps running on {}",
+                chain(&e),
+                e.reason(),
+                agent.config.host
+            );
+            report_half(
+                agent,
+                m,
+                Role::Source,
+                AgentState::Failed,
+                Some(&reason),
+                Some(message),
+                None,
+            )
+            .await;
         }
     }
 }
@@ -626,10 +928,15 @@ async fn write_progress(
         if rx.changed().await.is_err() {
             return;
         }
-        let Some(s) = rx.borrow_and_update().clone() else { continue };
+        let Some(s) = rx.borrow_and_update().clone() else {
+            continue;
+        };
         let (assessment, last_progress) = {
             let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
-            if shared.min_remaining.is_none_or(|min| s.remaining_bytes < min) {
+            if shared
+                .min_remaining
+                .is_none_or(|min| s.remaining_bytes < min)
+            {
                 shared.min_remaining = Some(s.remaining_bytes);
                 shared.last_progress = Some(Timestamp::now());
             }
@@ -649,9 +956,15 @@ async fn write_progress(
             percent: percent.min(99),
             eta_seconds: assessment.as_ref().and_then(|a| a.eta).map(|d| d.as_secs()),
             converging: assessment.as_ref().is_some_and(|a| a.converging),
-            convergence: assessment.as_ref().map(|a| format!("{}; {}", a.explanation, a.next_step)),
+            convergence: assessment
+                .as_ref()
+                .map(|a| format!("{}; {}", a.explanation, a.next_step)),
         };
-        let state = if s.status.is_postcopy() { AgentState::PostCopyActive } else { AgentState::Transferring };
+        let state = if s.status.is_postcopy() {
+            AgentState::PostCopyActive
+        } else {
+            AgentState::Transferring
+        };
         let report = AgentReport {
             state,
             reason: None,
@@ -660,7 +973,11 @@ async fn write_progress(
             last_progress: last_progress.map(Time),
         };
         let patch = serde_json::json!({"status": {"progress": progress, "source": report}});
-        if let Err(e) = handle.api.patch_status(&handle.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        if let Err(e) = handle
+            .api
+            .patch_status(&handle.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             tracing::debug!(migration = %handle.name, error = %e, "progress update failed");
         }
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 
 use crate::api::host::{Hypervisor, LoadSample, Resources};
 use crate::api::{Host, HostSpec, Quantity, SYSTEM_NAMESPACE};
@@ -100,7 +100,11 @@ impl HostPublisher {
                 "renewTime": now,
             }
         });
-        match self.leases.patch(&config.host, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match self
+            .leases
+            .patch(&config.host, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 let lease = Lease {
@@ -129,7 +133,11 @@ impl HostPublisher {
 
     /// One beat: renew the Lease, then refresh the Host's status with the
     /// VMs this agent runs (`vms`: memory MiB and vCPUs of each).
-    pub async fn beat(&mut self, config: &AgentConfig, vms: &[(u32, u32)]) -> Result<(), AgentError> {
+    pub async fn beat(
+        &mut self,
+        config: &AgentConfig,
+        vms: &[(u32, u32)],
+    ) -> Result<(), AgentError> {
         self.ensure_host(config).await?;
         self.renew_lease(config).await?;
         let (mem_total, mem_available) = load::memory();
@@ -143,7 +151,9 @@ impl HostPublisher {
         let capacity_memory = config.capacity_memory.unwrap_or(mem_total);
         let allocated_mib: u64 = vms.iter().map(|(m, _)| u64::from(*m)).sum();
         let allocated_cpus: u32 = vms.iter().map(|(_, c)| *c).sum();
-        let free = capacity_memory.saturating_sub(allocated_mib << 20).min(mem_available.max(capacity_memory));
+        let free = capacity_memory
+            .saturating_sub(allocated_mib << 20)
+            .min(mem_available.max(capacity_memory));
         self.samples.push_back(LoadSample {
             time: Time(Timestamp::now()),
             cpu_percent,
@@ -167,7 +177,11 @@ impl HostPublisher {
             }
         });
         self.hosts
-            .patch_status(&config.host, &PatchParams::default(), &Patch::Merge(&status))
+            .patch_status(
+                &config.host,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
             .await
             .map_err(AgentError::api("updating the Host status"))?;
         Ok(())

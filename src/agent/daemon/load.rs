@@ -10,10 +10,14 @@ fn parse_cpuinfo(text: &str) -> (Option<String>, Vec<String>) {
     let mut model = None;
     let mut flags = Vec::new();
     for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
         match key.trim() {
             "model name" if model.is_none() => model = Some(value.trim().to_string()),
-            "flags" if flags.is_empty() => flags = value.split_whitespace().map(str::to_string).collect(),
+            "flags" if flags.is_empty() => {
+                flags = value.split_whitespace().map(str::to_string).collect()
+            }
             _ => {}
         }
         if model.is_some() && !flags.is_empty() {
@@ -33,7 +37,13 @@ fn parse_meminfo(text: &str) -> (u64, u64) {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |kib| kib * 1024)
     };
     (field("MemTotal:"), field("MemAvailable:"))
@@ -47,7 +57,11 @@ pub fn cpu_times() -> Option<(u64, u64)> {
 
 fn parse_stat(text: &str) -> Option<(u64, u64)> {
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
-    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     if values.len() < 4 {
         return None;
     }
@@ -64,7 +78,9 @@ pub fn cpu_percent(before: (u64, u64), after: (u64, u64)) -> u32 {
     if total == 0 {
         return 0;
     }
-    u32::try_from((busy * 100 + total / 2) / total).unwrap_or(100).min(100)
+    u32::try_from((busy * 100 + total / 2) / total)
+        .unwrap_or(100)
+        .min(100)
 }
 
 #[cfg(test)]
@@ -73,14 +89,19 @@ mod tests {
 
     #[test]
     fn cpuinfo_gives_the_model_and_flags() {
-        let (model, flags) = parse_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2\n\nprocessor\t: 1\n");
+        let (model, flags) = parse_cpuinfo(
+            "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2\n\nprocessor\t: 1\n",
+        );
         assert_eq!(model.as_deref(), Some("AMD EPYC"));
         assert_eq!(flags, ["fpu", "sse2", "avx2"]);
     }
 
     #[test]
     fn meminfo_is_read_in_bytes() {
-        assert_eq!(parse_meminfo("MemTotal:  2048 kB\nMemFree: 10 kB\nMemAvailable:   1024 kB\n"), (2 << 20, 1 << 20));
+        assert_eq!(
+            parse_meminfo("MemTotal:  2048 kB\nMemFree: 10 kB\nMemAvailable:   1024 kB\n"),
+            (2 << 20, 1 << 20)
+        );
     }
 
     #[test]

@@ -50,10 +50,15 @@ impl MachineError {
 
 /// The UUID the guest runs with: `spec.uuid`, else the object's uid.
 pub fn effective_uuid(vm: &VirtualMachine) -> Result<Uuid, MachineError> {
-    let text = vm.spec.uuid.clone().or_else(|| vm.uid()).ok_or(MachineError::Invalid {
-        field: "metadata.uid",
-        message: "the VM has neither spec.uuid nor a uid".into(),
-    })?;
+    let text = vm
+        .spec
+        .uuid
+        .clone()
+        .or_else(|| vm.uid())
+        .ok_or(MachineError::Invalid {
+            field: "metadata.uid",
+            message: "the VM has neither spec.uuid nor a uid".into(),
+        })?;
     Uuid::parse_str(&text).map_err(|e| MachineError::Invalid {
         field: "spec.uuid",
         message: format!("{text:?} is not a UUID: {e}"),
@@ -70,7 +75,9 @@ pub fn effective_mac(uuid: &Uuid, network: &str, given: Option<&str>) -> String 
         .as_bytes()
         .iter()
         .chain(network.as_bytes())
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
     let b = hash.to_be_bytes();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
@@ -94,15 +101,22 @@ pub fn machine_spec(vm: &VirtualMachine, state_dir: &Path) -> Result<MachineSpec
         }
     } else if let Some(m) = &vm.spec.boot.memtest {
         let dir = state_dir.join("kernels");
-        std::fs::create_dir_all(&dir).map_err(|source| MachineError::Kernel { dir: dir.clone(), source })?;
-        let kernel = guest::install_kernel(&dir).map_err(|source| MachineError::Kernel { dir, source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| MachineError::Kernel {
+            dir: dir.clone(),
+            source,
+        })?;
+        let kernel =
+            guest::install_kernel(&dir).map_err(|source| MachineError::Kernel { dir, source })?;
         let config = GuestConfig {
             fill_mib: m.fill_mib,
             rate: DirtyRate::from(m.dirty_rate_mib),
         };
         extra_args.extend([
             "-device".to_string(),
-            format!("isa-debug-exit,iobase={:#x},iosize=0x04", guest::DEBUG_EXIT_IOBASE),
+            format!(
+                "isa-debug-exit,iobase={:#x},iosize=0x04",
+                guest::DEBUG_EXIT_IOBASE
+            ),
         ]);
         Boot::Kernel {
             kernel,
@@ -123,7 +137,11 @@ pub fn machine_spec(vm: &VirtualMachine, state_dir: &Path) -> Result<MachineSpec
         .iter()
         .map(|d| DiskSpec {
             path: PathBuf::from(&d.path),
-            format: if d.path.ends_with(".qcow2") { "qcow2".into() } else { "raw".into() },
+            format: if d.path.ends_with(".qcow2") {
+                "qcow2".into()
+            } else {
+                "raw".into()
+            },
             cache: match d.cache {
                 DiskCache::None => CacheMode::None,
                 DiskCache::Writeback => CacheMode::Writeback,
@@ -135,10 +153,15 @@ pub fn machine_spec(vm: &VirtualMachine, state_dir: &Path) -> Result<MachineSpec
         .collect();
     if let Some(boot_disk) = &vm.spec.boot.disk {
         // The boot disk goes first.
-        let index = vm.spec.disks.iter().position(|d| &d.name == boot_disk).ok_or(MachineError::Invalid {
-            field: "spec.boot.disk",
-            message: format!("no disk named {boot_disk:?} in spec.disks"),
-        })?;
+        let index = vm
+            .spec
+            .disks
+            .iter()
+            .position(|d| &d.name == boot_disk)
+            .ok_or(MachineError::Invalid {
+                field: "spec.boot.disk",
+                message: format!("no disk named {boot_disk:?} in spec.disks"),
+            })?;
         let first = disks.remove(index);
         disks.insert(0, first);
     }
@@ -180,7 +203,9 @@ mod tests {
     #[test]
     fn the_uuid_defaults_to_the_object_uid_and_macs_are_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let v = vm("{memory: 64Mi, boot: {memtest: {fillMib: 32}}, networks: [{name: default}, {name: storage, mac: '52:54:00:AA:BB:CC'}]}");
+        let v = vm(
+            "{memory: 64Mi, boot: {memtest: {fillMib: 32}}, networks: [{name: default}, {name: storage, mac: '52:54:00:AA:BB:CC'}]}",
+        );
         let a = machine_spec(&v, dir.path()).unwrap();
         let b = machine_spec(&v, dir.path()).unwrap();
         assert_eq!(a, b, "source and target must compute the same machine");
@@ -190,7 +215,9 @@ mod tests {
         assert!(a.nics[0].mac.starts_with("52:54:00:"));
         assert_ne!(a.nics[0].mac, effective_mac(&a.uuid, "other", None));
         match &a.boot {
-            Boot::Kernel { kernel, cmdline, .. } => {
+            Boot::Kernel {
+                kernel, cmdline, ..
+            } => {
                 assert!(kernel.exists());
                 assert_eq!(cmdline.as_deref(), Some("fill=32 rate=0"));
             }

@@ -79,13 +79,20 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// `address:port` other agents dial.
     pub fn migration_endpoint(&self) -> String {
-        self.migration_advertise.clone().unwrap_or_else(|| self.migration_listen.to_string())
+        self.migration_advertise
+            .clone()
+            .unwrap_or_else(|| self.migration_listen.to_string())
     }
 
     /// The simulated CPU percentage, if configured and readable.
     pub fn simulated_cpu_percent(&self) -> Option<u32> {
         let path = self.simulated_load_file.as_ref()?;
-        std::fs::read_to_string(path).ok()?.trim().parse::<u32>().ok().map(|p| p.min(100))
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .map(|p| p.min(100))
     }
 }
 
@@ -162,7 +169,10 @@ pub struct Agent {
 pub fn migration_owns_qemus(phase: MigrationPhase) -> bool {
     matches!(
         phase,
-        MigrationPhase::PreparingTarget | MigrationPhase::Running | MigrationPhase::PostCopy | MigrationPhase::Completing
+        MigrationPhase::PreparingTarget
+            | MigrationPhase::Running
+            | MigrationPhase::PostCopy
+            | MigrationPhase::Completing
     )
 }
 
@@ -177,7 +187,8 @@ impl Agent {
             .filter(|m| {
                 let status = m.status.clone().unwrap_or_default();
                 migration_owns_qemus(status.phase)
-                    && (status.source_host.as_deref() == Some(me) || status.target_host.as_deref() == Some(me))
+                    && (status.source_host.as_deref() == Some(me)
+                        || status.target_host.as_deref() == Some(me))
             })
             .map(|m| plan::local_name(&m.namespace().unwrap_or_default(), &m.spec.vm_name))
             .collect()
@@ -185,7 +196,11 @@ impl Agent {
 }
 
 /// Run the agent until `shutdown`. QEMUs keep running when it returns.
-pub async fn run(config: AgentConfig, client: kube::Client, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let qemu_version = host::qemu_version(&config.qemu_binary).await?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
         what: "creating the state directory",
@@ -205,11 +220,20 @@ pub async fn run(config: AgentConfig, client: kube::Client, shutdown: Cancellati
         dir: config.pki_dir.clone(),
         message: e.to_string(),
     };
-    let server_tls = config.tls.server_config(&identity).map_err(identity_error)?;
-    let client_tls = config.tls.client_config(&identity).map_err(identity_error)?;
+    let server_tls = config
+        .tls
+        .server_config(&identity)
+        .map_err(identity_error)?;
+    let client_tls = config
+        .tls
+        .client_config(&identity)
+        .map_err(identity_error)?;
 
     // QEMUs outlive the agent: take them over before anything else.
-    let vms = Arc::new(VmManager::with_binary(&config.state_dir, &config.qemu_binary));
+    let vms = Arc::new(VmManager::with_binary(
+        &config.state_dir,
+        &config.qemu_binary,
+    ));
     for outcome in vms.adopt_all().await? {
         match outcome {
             crate::agent::vms::AdoptOutcome::Adopted(p) => {
@@ -225,22 +249,37 @@ pub async fn run(config: AgentConfig, client: kube::Client, shutdown: Cancellati
     }
 
     let table = Arc::new(MigrationTable::default());
-    let relay = TargetRelay::bind(config.migration_listen, ServerTransport::Tls(server_tls), table.clone()).await?;
+    let relay = TargetRelay::bind(
+        config.migration_listen,
+        ServerTransport::Tls(server_tls),
+        table.clone(),
+    )
+    .await?;
     tracing::info!(host = %config.host, relay = %relay.local_addr(), "agent started");
 
     let (vm_store, vm_writer) = reflector::store();
     let (migration_store, migration_writer) = reflector::store();
-    let vm_stream = reflector::reflector(vm_writer, watcher(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    let vm_stream = reflector::reflector(
+        vm_writer,
+        watcher(
+            Api::<VirtualMachine>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
     let migration_stream = reflector::reflector(
         migration_writer,
-        watcher(Api::<Migration>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<Migration>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .touched_objects();
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let feed = |stream: futures::stream::BoxStream<'static, ()>, wake: tokio::sync::mpsc::Sender<()>| {
+    let feed = |stream: futures::stream::BoxStream<'static, ()>,
+                wake: tokio::sync::mpsc::Sender<()>| {
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while stream.next().await.is_some() {
@@ -316,7 +355,9 @@ fn start_watchdog(config: &AgentConfig) -> Result<(), AgentError> {
         what: "finding the agent's executable",
         source,
     })?;
-    let standalone = exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ferry-agent"));
+    let standalone = exe
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("ferry-agent"));
     let mut command = std::process::Command::new(exe);
     if !standalone {
         command.arg("agent");
@@ -331,11 +372,16 @@ fn start_watchdog(config: &AgentConfig) -> Result<(), AgentError> {
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
-            nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
         });
     }
-    command.spawn().map(|_| ()).map_err(|source| AgentError::Io {
-        what: "starting the fencing watchdog",
-        source,
-    })
+    command
+        .spawn()
+        .map(|_| ())
+        .map_err(|source| AgentError::Io {
+            what: "starting the fencing watchdog",
+            source,
+        })
 }

@@ -65,10 +65,9 @@ pub async fn reconcile(agent: &Agent) {
                 }
             }
             VmAction::Start { name } => {
-                let Some(vm) = placed
-                    .iter()
-                    .find(|vm| local_name(&vm.namespace().unwrap_or_default(), &vm.name_any()) == name)
-                else {
+                let Some(vm) = placed.iter().find(|vm| {
+                    local_name(&vm.namespace().unwrap_or_default(), &vm.name_any()) == name
+                }) else {
                     continue;
                 };
                 start(agent, vm, &name).await;
@@ -89,19 +88,29 @@ pub async fn reconcile(agent: &Agent) {
 async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
     let generation = vm.metadata.generation.unwrap_or_default();
     let key = format!("{name}@{generation}");
-    if agent.start_failures.lock().map(|f| f.contains_key(&key)).unwrap_or(false) {
+    if agent
+        .start_failures
+        .lock()
+        .map(|f| f.contains_key(&key))
+        .unwrap_or(false)
+    {
         return;
     }
     let result = match machine_spec(vm, &agent.config.state_dir) {
-        Ok(spec) => agent.vms.start(&spec, false).await.map(|_| ()).map_err(|e| {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            ("StartFailed", message)
-        }),
+        Ok(spec) => agent
+            .vms
+            .start(&spec, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                ("StartFailed", message)
+            }),
         Err(e) => Err((e.reason(), e.to_string())),
     };
     match result {
@@ -143,7 +152,11 @@ async fn report(agent: &Agent, vm: &VirtualMachine, name: &str) {
         })
         .collect();
     let same_qemu = status.qemu.as_ref().map(|q| q.pid) == qemu;
-    if status.phase == phase && same_qemu && status.uuid.as_deref() == Some(&uuid.to_string()) && status.networks == networks {
+    if status.phase == phase
+        && same_qemu
+        && status.uuid.as_deref() == Some(&uuid.to_string())
+        && status.networks == networks
+    {
         return;
     }
     let qemu_status = qemu.map(|pid| QemuStatus {
@@ -151,9 +164,17 @@ async fn report(agent: &Agent, vm: &VirtualMachine, name: &str) {
         start_time: Some(Time(Timestamp::now())),
     });
     let ready = match phase {
-        VmPhase::Running => ready_condition(true, "Running", &format!("QEMU runs on {}", agent.config.host)),
+        VmPhase::Running => ready_condition(
+            true,
+            "Running",
+            &format!("QEMU runs on {}", agent.config.host),
+        ),
         VmPhase::Stopped => ready_condition(false, "Stopped", "runStrategy is Stopped"),
-        _ => ready_condition(false, "Starting", &format!("starting on {}", agent.config.host)),
+        _ => ready_condition(
+            false,
+            "Starting",
+            &format!("starting on {}", agent.config.host),
+        ),
     };
     let patch = serde_json::json!({"status": {
         "phase": phase,
@@ -177,8 +198,16 @@ fn ready_condition(ready: bool, reason: &str, message: &str) -> serde_json::Valu
 }
 
 async fn patch_status(agent: &Agent, vm: &VirtualMachine, patch: &serde_json::Value) {
-    let api: Api<VirtualMachine> = Api::namespaced(agent.client.clone(), &vm.namespace().unwrap_or_default());
-    if let Err(e) = api.patch_status(&vm.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(agent.client.clone(), &vm.namespace().unwrap_or_default());
+    if let Err(e) = api
+        .patch_status(
+            &vm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
         tracing::warn!(vm = %vm.name_any(), error = %e, "updating VM status failed");
     }
 }

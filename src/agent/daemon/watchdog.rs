@@ -78,11 +78,18 @@ pub fn fence(state_dir: &Path) -> usize {
     let mut killed = 0;
     for entry in entries.flatten() {
         let pid_file = entry.path().join("qemu.pid");
-        let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
             continue;
         };
         if crate::agent::qemu::pid_alive(pid)
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok()
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
         {
             tracing::warn!(pid, vm = %entry.file_name().to_string_lossy(), "fenced: killed QEMU");
             killed += 1;
@@ -135,9 +142,15 @@ mod tests {
     fn the_watchdog_fences_only_after_the_allowance() {
         assert_eq!(judge(None, Duration::from_secs(999)), Verdict::Wait);
         assert_eq!(judge(Some("30000"), Duration::from_secs(29)), Verdict::Wait);
-        assert_eq!(judge(Some("30000"), Duration::from_secs(31)), Verdict::Fence);
+        assert_eq!(
+            judge(Some("30000"), Duration::from_secs(31)),
+            Verdict::Fence
+        );
         assert_eq!(judge(Some("stop"), Duration::from_secs(999)), Verdict::Exit);
-        assert_eq!(judge(Some("garbage"), Duration::from_secs(999)), Verdict::Wait);
+        assert_eq!(
+            judge(Some("garbage"), Duration::from_secs(999)),
+            Verdict::Wait
+        );
     }
 
     #[test]
