@@ -236,15 +236,19 @@ pub fn place(
     })
 }
 
-/// The best host for a VM without explanations (the balancer's inner loop):
-/// hosts for which `skip` is true are not considered.
+/// The best host for a VM without explanations (the balancer's inner
+/// loop): walks `candidates` in order, skipping those for which `skip` is
+/// true, and stops after `limit` hosts have passed the filters.
 pub(crate) fn best_host(
     snapshot: &Snapshot,
     r: &Request<'_>,
+    candidates: &[usize],
     skip: &dyn Fn(usize) -> bool,
+    limit: usize,
 ) -> Option<(usize, Score)> {
     let mut best: Option<(usize, Score)> = None;
-    for h in (0..snapshot.hosts.len()).filter(|h| !skip(*h)) {
+    let mut fits = 0;
+    for &h in candidates.iter().filter(|h| !skip(**h)) {
         if !r.filter(snapshot, h, false).is_empty() {
             continue;
         }
@@ -258,6 +262,10 @@ pub(crate) fn best_host(
         };
         if better {
             best = Some((h, score));
+        }
+        fits += 1;
+        if fits >= limit {
+            break;
         }
     }
     best
