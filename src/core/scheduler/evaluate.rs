@@ -472,7 +472,8 @@ impl<'a> Request<'a> {
             });
         }
         if sched.policy == SchedulingPolicyKind::PowerSaving {
-            let projected = cpu_now(host, self.now) + self.share_on(host.capacity.cpus);
+            let projected =
+                cpu_now(host, self.now) + s.incoming_load[h] + self.share_on(host.capacity.cpus);
             if projected > f64::from(sched.high_utilization) {
                 reject!(Rejection::WouldExceedHighUtilization {
                     projected,
@@ -553,7 +554,8 @@ impl<'a> Request<'a> {
     pub(crate) fn score(&self, s: &Snapshot, h: usize) -> Score {
         let host = &s.hosts[h];
         let sched = &self.policy.scheduling;
-        let cpu = cpu_now(host, self.now);
+        // Load now, plus what VMs on their way here will add.
+        let cpu = cpu_now(host, self.now) + s.incoming_load[h];
         let projected = cpu + self.share_on(host.capacity.cpus);
         let free_after = s.free_memory(h).saturating_sub(self.vm.resources.memory);
         let free_pct = 100.0 * free_after as f64 / host.capacity.memory.max(1) as f64;

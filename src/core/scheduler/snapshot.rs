@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::load::{rescale, vm_share};
 use crate::core::time::Timestamp;
 
 /// A host's lifecycle phase (the `Host` status).
@@ -151,6 +152,8 @@ pub struct Snapshot {
     pub(crate) outbound: Vec<u32>,
     /// Resources reserved by arriving VMs.
     pub(crate) reserved: Vec<Resources>,
+    /// CPU load (percentage points) the arriving VMs will add.
+    pub(crate) incoming_load: Vec<f64>,
     /// Members of each affinity group.
     pub(crate) affinity: HashMap<String, Vec<usize>>,
     /// Members of each anti-affinity group.
@@ -185,6 +188,7 @@ impl Snapshot {
             inbound: vec![Vec::new(); n],
             outbound: vec![0; n],
             reserved: vec![Resources::default(); n],
+            incoming_load: vec![0.0; n],
             affinity: HashMap::new(),
             anti_affinity: HashMap::new(),
             vm_target: HashMap::new(),
@@ -226,6 +230,19 @@ impl Snapshot {
             self.reserved[t].cpus += r.cpus;
             self.reserved[t].memory += r.memory;
             self.vm_target.insert(v, t);
+            // The VM's share of its source's latest load, moved to the target.
+            let (share, from_cpus) = match self.host_index.get(&m.source).copied() {
+                Some(src) => {
+                    let host = &self.hosts[src];
+                    let load = host.load.last().map_or(0.0, |l| l.cpu_percent);
+                    (
+                        vm_share(load, host.capacity.cpus, self.vcpus_on[src], r.cpus),
+                        host.capacity.cpus,
+                    )
+                }
+                None => (100.0, r.cpus),
+            };
+            self.incoming_load[t] += rescale(share, from_cpus, self.hosts[t].capacity.cpus);
         }
         self.in_flight.push(m);
     }
