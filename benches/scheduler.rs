@@ -164,9 +164,17 @@ fn main() {
         SchedulingPolicyKind::PowerSaving,
         SchedulingPolicyKind::VmEvenlyDistributed,
     ];
+    // `FERRY_BENCH_ONLY=placement|balancing|growth` runs one section
+    // (handy under a profiler).
+    let only = std::env::var("FERRY_BENCH_ONLY").ok();
+    let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let s = cluster(1_000, &mut rng);
-    println!("1,000 hosts / 10,000 VMs: one placement (full decision with every host's reasons)");
-    for kind in kinds {
+    if run("placement") {
+        println!(
+            "1,000 hosts / 10,000 VMs: one placement (full decision with every host's reasons)"
+        );
+    }
+    for kind in kinds.into_iter().filter(|_| run("placement")) {
         let p = policy(kind);
         let n = s.vms().len();
         let (med, p99) = measure(300, |i| {
@@ -180,9 +188,11 @@ fn main() {
         });
         println!("  {:<22} {} {}", format!("{kind:?}"), us(med), us(p99));
     }
-    println!();
-    println!("1,000 hosts / 10,000 VMs: one balancing pass");
-    for kind in kinds {
+    if run("balancing") {
+        println!();
+        println!("1,000 hosts / 10,000 VMs: one balancing pass");
+    }
+    for kind in kinds.into_iter().filter(|_| run("balancing")) {
         let p = policy(kind);
         let mut moves = 0;
         let (med, p99) = measure(20, |_| {
@@ -194,6 +204,9 @@ fn main() {
             ms(med),
             ms(p99)
         );
+    }
+    if !run("growth") {
+        return;
     }
     println!();
     println!(

@@ -381,3 +381,27 @@ fn an_in_cluster_upgrade_drain_empties_an_old_host_onto_upgraded_ones_only() {
     let p = plan(&s, &policy, &request(&rates), NOW).unwrap();
     assert!(p.entries.iter().all(|e| migrate(e).0 == "new"), "{p:?}");
 }
+
+#[test]
+fn a_vm_already_in_flight_is_not_planned_twice() {
+    let s = Snapshot::new(
+        vec![host("old"), host("a")],
+        vec![sized("ns/moving", 2), sized("ns/still", 2)],
+        vec![crate::core::scheduler::InFlight {
+            vm: "ns/moving".into(),
+            source: "old".into(),
+            target: Some("a".into()),
+        }],
+    );
+    let rates = HashMap::new();
+    let p = plan(&s, &EffectivePolicy::default(), &request(&rates), NOW).unwrap();
+    let moving = p.entries.iter().find(|e| e.vm == "ns/moving").unwrap();
+    assert_eq!(
+        moving.outcome,
+        Outcome::AlreadyMoving {
+            target: Some("a".into())
+        }
+    );
+    let still = p.entries.iter().find(|e| e.vm == "ns/still").unwrap();
+    assert_eq!(migrate(still).0, "a");
+}

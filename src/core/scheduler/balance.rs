@@ -38,7 +38,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::evaluate::Request;
-use super::load::{cpu_now, cpu_over, cpu_under, memory_plenty, memory_short};
+use super::load::{cpu_now, memory_plenty, memory_short};
 use super::{Snapshot, best_host};
 use crate::core::policy::{EffectivePolicy, SchedulingPolicyKind};
 use crate::core::time::{MIB, Timestamp};
@@ -298,12 +298,7 @@ fn candidates<'s>(
         let open = host.phase == super::HostPhase::Active
             && host.schedulable
             && !s.busy(h)
-            && !cpu_over(
-                host,
-                sched.high_utilization,
-                sched.over_commit_duration,
-                now,
-            );
+            && !s.cpu_over(h, sched.high_utilization, sched.over_commit_duration, now);
         if open {
             by_cluster.entry(host.cluster.as_str()).or_default().push(h);
         }
@@ -361,7 +356,7 @@ fn sources(
             SchedulingPolicyKind::None => continue,
             _ => {}
         }
-        if cpu_over(host, sched.high_utilization, d, now) {
+        if s.cpu_over(h, sched.high_utilization, d, now) {
             let reason = MoveReason::CpuOverloaded {
                 percent: loads[h],
                 threshold: sched.high_utilization,
@@ -378,7 +373,7 @@ fn sources(
                 500.0,
             ));
         } else if sched.policy == SchedulingPolicyKind::PowerSaving
-            && cpu_under(host, sched.low_utilization, d, now)
+            && s.cpu_under(h, sched.low_utilization, d, now)
             && sched
                 .min_free_memory_for_under_utilized
                 .is_none_or(|m| memory_plenty(host, m, d, now))

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::load::{compare_versions, cpu_now, cpu_over, rescale, vm_share};
+use super::load::{compare_versions, cpu_now, rescale, vm_share};
 use super::snapshot::{HOST_CPU_MODELS, HostPhase, Snapshot, VmInfo};
 use crate::core::policy::{EffectivePolicy, SchedulingPolicyKind};
 use crate::core::time::{MIB, Timestamp};
@@ -29,9 +30,9 @@ pub enum Rejection {
     /// The host is in another cluster.
     WrongCluster {
         /// The host's cluster.
-        host: String,
+        host: Arc<str>,
         /// The VM's.
-        required: String,
+        required: Arc<str>,
     },
     /// The host lacks a label of the VM's `hostSelector`.
     HostSelector {
@@ -270,6 +271,13 @@ pub(crate) struct Request<'a> {
     pub vm: &'a VmInfo,
     pub source: Option<usize>,
     pub cluster: Option<&'a str>,
+    /// `cluster`, interned.
+    pub cluster_id: u32,
+    /// `cluster`, shared by every rejection that names it.
+    pub cluster_name: Option<Arc<str>>,
+    /// Required CPU features (with the source's, for host-passthrough) as a
+    /// mask, when every one is known.
+    pub feature_mask: Option<u64>,
     pub policy: &'a EffectivePolicy,
     pub now: Timestamp,
     pub ignore_inbound_limit: bool,
@@ -353,10 +361,24 @@ impl<'a> Request<'a> {
                 }
             }
         }
+        let passthrough = vm
+            .cpu_model
+            .as_deref()
+            .is_some_and(|m| HOST_CPU_MODELS.contains(&m));
+        let feature_mask = s
+            .hot
+            .feature_mask(&vm.required_cpu_features)
+            .map(|m| match source {
+                Some(src) if passthrough => m | s.hot.features[src],
+                _ => m,
+            });
         Self {
             vm,
             source,
             cluster,
+            cluster_id: cluster.map_or(u32::MAX, |c| s.hot.cluster_id(c)),
+            cluster_name: cluster.map(Arc::from),
+            feature_mask,
             policy,
             now,
             ignore_inbound_limit,
@@ -417,12 +439,12 @@ impl<'a> Request<'a> {
                 limit
             });
         }
-        if let Some(required) = self.cluster
-            && host.cluster != required
+        if let Some(required) = &self.cluster_name
+            && s.hot.cluster[h] != self.cluster_id
         {
             reject!(Rejection::WrongCluster {
-                host: host.cluster.clone(),
-                required: required.to_string()
+                host: s.hot.cluster_name(h),
+                required: required.clone()
             });
         }
         if let Some(pinned) = &vm.placement.pinned_host
@@ -463,7 +485,7 @@ impl<'a> Request<'a> {
             });
         }
         let duration = sched.over_commit_duration;
-        if cpu_over(host, sched.high_utilization, duration, self.now) {
+        if s.cpu_over(h, sched.high_utilization, duration, self.now) {
             let percent = cpu_now(host, self.now);
             reject!(Rejection::Overloaded {
                 percent,
@@ -526,6 +548,12 @@ impl<'a> Request<'a> {
                 host: host.cpu_model.clone(),
                 required: m.to_string(),
             });
+        }
+        // Fast path: every required feature present, by mask.
+        if let Some(mask) = self.feature_mask
+            && s.hot.features[h] & mask == mask
+        {
+            return;
         }
         let mut missing: Vec<String> = vm
             .required_cpu_features

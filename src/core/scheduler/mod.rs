@@ -43,6 +43,7 @@ pub(crate) mod testkit;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -84,7 +85,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostVerdict {
     /// Host name.
-    pub host: String,
+    pub host: Arc<str>,
     /// What happened to it.
     pub verdict: Verdict,
 }
@@ -116,7 +117,7 @@ impl SchedulingDecision {
     pub fn verdict(&self, host: &str) -> Option<&Verdict> {
         self.hosts
             .iter()
-            .find(|h| h.host == host)
+            .find(|h| &*h.host == host)
             .map(|h| &h.verdict)
     }
 
@@ -203,7 +204,7 @@ pub fn place(
             fit.push((h, r.score(snapshot, h)));
         } else {
             rejected.push(HostVerdict {
-                host: snapshot.hosts[h].name.clone(),
+                host: snapshot.hot.names[h].clone(),
                 verdict: Verdict::Rejected(reasons),
             });
         }
@@ -218,7 +219,7 @@ pub fn place(
         .into_iter()
         .enumerate()
         .map(|(i, (h, score))| HostVerdict {
-            host: snapshot.hosts[h].name.clone(),
+            host: snapshot.hot.names[h].clone(),
             verdict: if i == 0 {
                 Verdict::Chosen(score)
             } else {

@@ -600,7 +600,7 @@ proptest! {
             // Every host is judged exactly once, and the chosen one is first.
             prop_assert_eq!(d.hosts.len(), s.hosts().len());
             if let Some(c) = &d.chosen {
-                prop_assert_eq!(&d.hosts[0].host, c);
+                prop_assert_eq!(&*d.hosts[0].host, c.as_str());
             }
         }
     }
