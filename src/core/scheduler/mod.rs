@@ -29,7 +29,16 @@
 //!
 //! A VM's CPU contribution is estimated from its host's load in proportion
 //! to its vCPUs (see [`load::vm_share`]); an unplaced VM is assumed busy.
-//! Balancing lives in [`balance`].
+//! VMs on their way to a host (migrations in flight, or moves a planner has
+//! already placed with [`Snapshot::add_in_flight`]) count on that host's
+//! memory, CPU load, VM count and affinity groups.
+//!
+//! Cost: [`Snapshot::new`] indexes once (VMs per host, groups, arrivals, and
+//! flat copies of each host's load series extremes, cluster and CPU features);
+//! a placement is then one pass over the hosts, and a balancing pass weighs
+//! only the first [`balance::CANDIDATES`] fitting targets per VM, in the
+//! policy's order of preference. `benches/scheduler.rs` measures both.
+//! Balancing lives in [`mod@balance`].
 
 pub mod balance;
 #[cfg(test)]
