@@ -25,7 +25,7 @@
 //!
 //! The agent calls [`convergence::decide`] on its progress samples; the
 //! maintenance reconciler calls [`drain::plan`] and [`drain::next_attempt`];
-//! a periodic task calls [`scheduler::balance`] and creates the moves as
+//! a periodic task calls [`scheduler::balance()`] and creates the moves as
 //! automatic Migrations.
 
 pub mod admission;
