@@ -9,9 +9,9 @@ use crate::core::time::GIB;
 
 /// A named observation: how it changes the neutral one, and whether `now`
 /// is far past every deadline.
-type Stimulus = (&'static str, fn(&mut Observation), bool);
+pub(super) type Stimulus = (&'static str, fn(&mut Observation), bool);
 
-fn stimuli() -> Vec<Stimulus> {
+pub(super) fn stimuli() -> Vec<Stimulus> {
     vec![
         ("nothing new", |_| {}, false),
         ("cancel requested", |o| o.cancel_requested = true, false),
@@ -252,7 +252,7 @@ fn every_phase_answers_every_observation_as_the_table_says() {
 }
 
 /// What must hold for any decision.
-fn check_invariants(o: &Observation, d: &Decision, name: &str, what: &str) {
+pub(super) fn check_invariants(o: &Observation, d: &Decision, name: &str, what: &str) {
     let (from, to) = (o.state.phase(), d.next.phase());
     let ctx = format!("{name} × {what}");
     assert!(
@@ -303,5 +303,65 @@ fn check_invariants(o: &Observation, d: &Decision, name: &str, what: &str) {
     // Once the transfer may have started, only the source agent's word ends it.
     if from == Phase::Running && matches!(to, Phase::Cancelled) {
         assert_eq!(o.source, SourceReport::Aborted, "{ctx}");
+    }
+}
+
+proptest::proptest! {
+    /// Any sequence of observations, from creation: the invariants of
+    /// [`check_invariants`] hold at every step, terminal states are final,
+    /// and the VM's host never changes unless the source agent confirmed a
+    /// switchover.
+    #[test]
+    fn any_sequence_of_observations_keeps_the_invariants(
+        steps in proptest::collection::vec((0usize..20, 0u64..400, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        kind in proptest::prop_oneof![
+            proptest::strategy::Just(MigrationKind::Live),
+            proptest::strategy::Just(MigrationKind::Cold),
+            proptest::strategy::Just(MigrationKind::Evacuate),
+        ],
+    ) {
+        let policy = EffectivePolicy::default();
+        let stimuli = stimuli();
+        let mut state = MigrationState::Pending;
+        let mut t = T0;
+        for (i, dt, sticky_vm, happy) in steps {
+            t = t.plus(Duration::from_secs(dt));
+            // Half the steps push along the happy path, so that walks reach
+            // the transfer phases, not only the early ones.
+            let i = if happy {
+                match state.phase() {
+                    Phase::Scheduling => 7,
+                    Phase::Queued => 9,
+                    Phase::PreparingTarget => 11,
+                    Phase::Running => [13, 14, 15][i % 3],
+                    Phase::PostCopy => 15,
+                    Phase::Completing => 18,
+                    _ => 0,
+                }
+            } else {
+                i
+            };
+            let (what, apply, _) = &stimuli[i];
+            let mut o = base(state.clone());
+            o.kind = kind;
+            if kind == MigrationKind::Evacuate {
+                o.source_health = HostHealth::Fenced;
+            }
+            apply(&mut o);
+            if sticky_vm && o.state.phase() == Phase::Completing {
+                // The VM's host has been written: read it back.
+                o.vm = VmObservation::Present { host: Some("dst".into()), migratable: true, unsafe_disk_cache: false, memory: GIB };
+            }
+            if let MigrationState::Queued { target, .. } = &o.state {
+                // The placement chose "dst"; the VM is still on "src".
+                proptest::prop_assert_eq!(target, "dst");
+            }
+            let d = decide(&o, &policy, t);
+            check_invariants(&o, &d, o.state.phase().as_str(), what);
+            if o.state.phase().is_terminal() {
+                proptest::prop_assert_eq!(&d.next, &o.state);
+            }
+            state = d.next;
+        }
     }
 }
