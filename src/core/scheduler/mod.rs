@@ -45,6 +45,9 @@ pub mod balance;
 mod balance_tests;
 mod evaluate;
 pub mod load;
+#[cfg(test)]
+mod prop_tests;
+mod rejection;
 mod snapshot;
 #[cfg(test)]
 pub(crate) mod testkit;
