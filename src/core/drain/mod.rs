@@ -181,6 +181,18 @@ pub enum DrainError {
     NoBandwidth,
 }
 
+impl DrainError {
+    /// A stable machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownHost(_) => "UnknownHost",
+            Self::UnknownTarget(_) => "UnknownTarget",
+            Self::Placement(e) => e.reason(),
+            Self::NoBandwidth => "NoBandwidth",
+        }
+    }
+}
+
 /// A fixed cost per migration: target QEMU start, handshake, switchover.
 pub const SETUP_TIME: Duration = Duration::from_secs(2);
 

@@ -139,6 +139,7 @@ fn a_given_target_takes_every_vm_that_fits_and_the_rest_are_blocked() {
         NOW,
     );
     assert_eq!(err, Err(DrainError::UnknownHost("nope".into())));
+    assert_eq!(err.unwrap_err().reason(), "UnknownHost");
 }
 
 #[test]

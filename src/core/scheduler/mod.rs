@@ -186,6 +186,22 @@ pub enum PlacementError {
     UnknownTarget(String),
 }
 
+impl PlacementError {
+    /// A stable machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownVm(_) => "UnknownVm",
+            Self::UnknownTarget(_) => "UnknownTarget",
+        }
+    }
+
+    /// Whether asking again may help: only once the missing object appears
+    /// in the snapshot, which a retry after the next watch event covers.
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
 /// Place one VM: the chosen host with its score and, for every other host,
 /// why it was refused or scored lower.
 pub fn place(
