@@ -118,6 +118,7 @@ fn inputs(hosts: usize, rng: &mut Rng) -> (Vec<HostInfo>, Vec<VmInfo>) {
                 placement,
                 migratable: true,
                 quarantined: false,
+                highly_available: false,
             }
         })
         .collect();

@@ -13,6 +13,7 @@
 //! - [`admission`]: the fair queue under the concurrency limits.
 //! - [`convergence`]: what to do next with a live migration's progress.
 //! - [`drain`]: host maintenance plans, retries and quarantine.
+//! - [`resilience`]: failed hosts: unreachable, fenced, evacuated.
 //!
 //! How the controller uses them, per reconcile of a Migration:
 //!
@@ -33,5 +34,6 @@ pub mod convergence;
 pub mod drain;
 pub mod migration;
 pub mod policy;
+pub mod resilience;
 pub mod scheduler;
 pub mod time;

@@ -124,6 +124,9 @@ pub struct VmInfo {
     pub migratable: bool,
     /// Quarantined after repeated failures: left alone by automatic moves.
     pub quarantined: bool,
+    /// `spec.highlyAvailable`: rebuilt elsewhere when its host fails, even
+    /// under `MigrateHighlyAvailableOnly`.
+    pub highly_available: bool,
 }
 
 /// A migration in flight (admitted and not finished).
