@@ -338,3 +338,54 @@ fn apply_to_status_subresource_only_takes_status() {
     assert_eq!(ctrl["subresource"], "status");
     assert_eq!(ctrl["fieldsV1"], json!({"f:status": {"f:phase": {}}}));
 }
+
+#[test]
+fn a_repeated_apply_changes_nothing() {
+    let live = apply(None, &cm(json!({"a": "1"})), "ctrl", false, T0).unwrap();
+    let again = apply(Some(&live), &cm(json!({"a": "1"})), "ctrl", false, T1).unwrap();
+    assert_eq!(again, live, "same object, same managedFields time");
+    let changed = apply(Some(&live), &cm(json!({"a": "2"})), "ctrl", false, T1).unwrap();
+    assert_eq!(changed["metadata"]["managedFields"][0]["time"], T1);
+    let mut updated = live.clone();
+    track_update(
+        Some(&live),
+        &mut updated,
+        &UpdateOptions {
+            manager: "other",
+            time: T1,
+            subresource: None,
+        },
+        &BuiltinListTypes,
+    );
+    assert_eq!(
+        updated, live,
+        "an update that changes nothing records nothing"
+    );
+}
+
+#[test]
+fn custom_resource_metadata_lists_merge_like_object_meta() {
+    let types = SchemaListTypes::new(
+        json!({"type": "object", "properties": {"metadata": {"type": "object"}}}),
+    );
+    assert_eq!(types.list_type(&["metadata", "finalizers"]), ListType::Set);
+    assert_eq!(
+        types.list_type(&["metadata", "ownerReferences"]),
+        ListType::Map(vec!["uid".into()])
+    );
+    let cr = |fin: Value| json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "Host", "metadata": {"name": "h", "finalizers": fin}});
+    let opts = |m| ApplyOptions {
+        manager: m,
+        force: false,
+        time: T0,
+        subresource: None,
+        ignore_status: false,
+    };
+    let live = server_side_apply(None, &cr(json!(["a"])), &opts("one"), &types).unwrap();
+    let out = server_side_apply(Some(&live), &cr(json!(["b"])), &opts("two"), &types).unwrap();
+    assert_eq!(
+        out["metadata"]["finalizers"],
+        json!(["a", "b"]),
+        "each manager owns its finalizer"
+    );
+}
