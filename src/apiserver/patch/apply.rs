@@ -298,10 +298,16 @@ pub fn server_side_apply(
         .filter(|e| !is_mine(e))
         .map(|e| &e.set)
         .collect();
-    let dropped: Vec<&FieldPath> = previous.difference(&applied).collect();
-    for p in dropped.into_iter().rev() {
+    // Shallowest first: a removed list item takes its fields with it (and
+    // must be found by its key fields before they are gone).
+    let mut removed: Vec<&FieldPath> = Vec::new();
+    for p in previous.difference(&applied) {
+        if removed.iter().any(|r| has_prefix(p, r)) {
+            continue;
+        }
         if !owns(&applied, p) && !others.iter().any(|s| owns(s, p)) {
             remove_at(&mut out, p);
+            removed.push(p);
         }
     }
 

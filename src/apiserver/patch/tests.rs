@@ -389,3 +389,53 @@ fn custom_resource_metadata_lists_merge_like_object_meta() {
         "each manager owns its finalizer"
     );
 }
+
+#[test]
+fn apply_removes_list_items_the_manager_dropped() {
+    let d = |containers: Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"template": {"spec": {"containers": containers}}}})
+    };
+    let both = d(json!([{"name": "web", "image": "a"}, {"name": "sidecar", "image": "b"}]));
+    let live = apply(None, &both, "kubectl", false, T0).unwrap();
+    let out = apply(
+        Some(&live),
+        &d(json!([{"name": "web", "image": "a"}])),
+        "kubectl",
+        false,
+        T1,
+    )
+    .unwrap();
+    assert_eq!(
+        out["spec"]["template"]["spec"]["containers"],
+        json!([{"name": "web", "image": "a"}])
+    );
+    assert_eq!(
+        out["metadata"]["managedFields"][0]["fieldsV1"],
+        json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"web\"}": {".": {}, "f:image": {}, "f:name": {}}}}}}})
+    );
+    // An item another manager also states survives the first one dropping it.
+    let shared = apply(
+        Some(&live),
+        &d(json!([{"name": "sidecar", "image": "b"}])),
+        "ops",
+        false,
+        T1,
+    )
+    .unwrap();
+    let out = apply(
+        Some(&shared),
+        &d(json!([{"name": "web", "image": "a"}])),
+        "kubectl",
+        false,
+        T1,
+    )
+    .unwrap();
+    assert_eq!(
+        out["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
