@@ -437,3 +437,18 @@ fn transition_rules_in_map_list_items_see_the_item_with_the_same_key() {
         r#"spec.disks: Invalid value: "array": at most 3 disks"#
     );
 }
+
+#[test]
+fn rules_that_fail_to_evaluate_say_why() {
+    let v = Validator::from_schema(&json!({"type": "object", "properties": {
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "properties": {"limit": {"type": "integer"}},
+            "x-kubernetes-validations": [{"rule": "self.limit > 0", "message": "limit must be positive"}]}}}))
+    .unwrap();
+    let mut o = json!({"metadata": {"name": "x"}, "spec": {}});
+    let e = v.admit(&mut o, None, &AdmitOptions::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"spec: Invalid value: "object": no such key: limit evaluating rule: limit must be positive"#
+    );
+}
