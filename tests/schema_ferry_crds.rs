@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use ferry::apiserver::schema::{AdmitError, AdmitOptions, FieldValidation, Validator};
+use ferry::apiserver::schema::{
+    AdmitError, AdmitOptions, FieldValidation, Validator, validate_crd,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
 use serde_json::Value;
@@ -22,6 +24,12 @@ fn validators() -> HashMap<(String, String), Validator> {
         let path = entry.unwrap().path();
         let crd: CustomResourceDefinition =
             serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            validate_crd(&crd),
+            Vec::new(),
+            "{} is refused",
+            path.display()
+        );
         for v in &crd.spec.versions {
             let validator = Validator::new(v)
                 .unwrap_or_else(|e| panic!("{}: {} does not compile: {e}", path.display(), v.name));

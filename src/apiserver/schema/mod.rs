@@ -16,6 +16,7 @@
 //! body the server answers with (422 `Invalid` or 400 `BadRequest`).
 
 mod cel;
+mod crd;
 mod defaults;
 pub mod field;
 mod formats;
@@ -31,6 +32,7 @@ mod tests;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionVersion;
 use serde_json::Value;
 
+pub use crd::validate_crd;
 pub use field::{FieldError, FieldErrorKind, invalid_status, strict_decoding_status};
 pub use meta::{validate_name, validate_object_meta};
 use node::Node;
