@@ -237,3 +237,58 @@ fn kubectl_client_side_apply_of_a_deployment_merges_by_key() {
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn kube_rs_patch_apply_creates_conflicts_and_forces() {
+    use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+    use kube::core::GroupVersionKind;
+
+    let addr = serve(crd());
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let gvk = GroupVersionKind::gvk("ferry.dev", "v1alpha1", "VirtualMachine");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "virtualmachines");
+    let api: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
+    let vm = |host: &str| {
+        json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+               "metadata": {"name": "vm2"}, "spec": {"host": host}})
+    };
+    let created = api
+        .patch(
+            "vm2",
+            &PatchParams::apply("ferry-controller"),
+            &Patch::Apply(vm("h1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.data["spec"]["mode"], "Auto");
+    let mf = created.metadata.managed_fields.unwrap();
+    assert_eq!(mf[0].manager.as_deref(), Some("ferry-controller"));
+
+    let err = api
+        .patch(
+            "vm2",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(vm("h2")),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("expected an API error, got {err:?}");
+    };
+    assert_eq!(status.code, 409);
+    assert_eq!(status.reason, "Conflict");
+    assert_eq!(
+        status.message,
+        r#"Apply failed with 1 conflict: conflict with "ferry-controller": .spec.host"#
+    );
+    let forced = api
+        .patch(
+            "vm2",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(vm("h2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.data["spec"]["host"], "h2");
+}
