@@ -362,6 +362,30 @@ pub fn validate_crd(crd: &CustomResourceDefinition) -> Vec<FieldError> {
     }
     for (i, v) in spec.versions.iter().enumerate() {
         let vp = index("spec.versions", i);
+        for (j, col) in v.additional_printer_columns.iter().flatten().enumerate() {
+            let cp = index(&child(&vp, "additionalPrinterColumns"), j);
+            if col.name.is_empty() {
+                errs.push(FieldError::required(&child(&cp, "name"), ""));
+            }
+            const TYPES: [&str; 5] = ["integer", "number", "string", "boolean", "date"];
+            if !TYPES.contains(&col.type_.as_str()) {
+                let supported: Vec<String> = TYPES.iter().map(|t| t.to_string()).collect();
+                errs.push(FieldError::not_supported(
+                    &child(&cp, "type"),
+                    json!(col.type_),
+                    &supported,
+                ));
+            }
+            if !col.json_path.starts_with('.')
+                || crate::apiserver::table::jsonpath::JsonPath::parse(&col.json_path).is_err()
+            {
+                errs.push(FieldError::invalid(
+                    &child(&cp, "jsonPath"),
+                    json!(col.json_path),
+                    "must be a simple json path starting with .",
+                ));
+            }
+        }
         let schema = v
             .schema
             .as_ref()
