@@ -523,3 +523,17 @@ fn crds_with_non_structural_schemas_are_refused_like_the_real_server() {
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].field, format!("{p}.x-kubernetes-validations"));
 }
+
+#[test]
+fn metadata_that_is_not_object_meta_is_a_bad_request() {
+    let v = validator();
+    let mut o = obj(json!({"host": "h"}));
+    o["metadata"]["labels"] = json!({"a": 1});
+    let e = v.admit(&mut o, None, &AdmitOptions::default()).unwrap_err();
+    assert_eq!(e.code(), 400);
+    let s = e.status("ferry.dev", "v1alpha1", "Widget", "w1");
+    assert!(
+        s["message"].as_str().unwrap().starts_with(r#"Widget in version "v1alpha1" cannot be handled as a Widget: metadata: invalid type: integer `1`, expected a string"#),
+        "{s}"
+    );
+}
