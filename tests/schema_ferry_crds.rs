@@ -82,6 +82,12 @@ fn every_example_is_admitted_strictly() {
             if let Err(e) = v.admit(&mut obj, None, &STRICT) {
                 panic!("{} is refused: {e}", path.display());
             }
+            // Updating it unchanged passes every transition rule too.
+            let mut again = obj.clone();
+            if let Err(e) = v.admit(&mut again, Some(&obj), &STRICT) {
+                panic!("{} is refused on an unchanged update: {e}", path.display());
+            }
+            assert_eq!(again, obj, "admission is idempotent");
             admitted += 1;
         }
     }
