@@ -158,3 +158,35 @@ fn vm_uuid_is_immutable_once_set() {
         errs[0]
     );
 }
+
+#[test]
+fn migration_transition_rules_hold() {
+    let validators = validators();
+    let path = root().join("examples/migration-cold.yaml");
+    let mut old = documents(&path)
+        .into_iter()
+        .find(|o| o["kind"] == "Migration")
+        .expect("a Migration example");
+    let v = &validators[&key(&old)];
+    v.admit(&mut old, None, &STRICT).unwrap();
+    assert_eq!(old["spec"]["cancel"], false, "defaulted");
+
+    let mut cancelled = old.clone();
+    cancelled["spec"]["cancel"] = Value::Bool(true);
+    v.admit(&mut cancelled, Some(&old), &STRICT).unwrap();
+    let mut withdrawn = cancelled.clone();
+    withdrawn["spec"]["cancel"] = Value::Bool(false);
+    let Err(e) = v.admit(&mut withdrawn, Some(&cancelled), &STRICT) else {
+        panic!("withdrawing a cancel was admitted");
+    };
+    assert_eq!(
+        e.to_string(),
+        r#"spec.cancel: Invalid value: "boolean": a cancel cannot be withdrawn"#
+    );
+    let mut retyped = old.clone();
+    retyped["spec"]["type"] = Value::String("Live".into());
+    let Err(e) = v.admit(&mut retyped, Some(&old), &STRICT) else {
+        panic!("changing the type was admitted");
+    };
+    assert!(e.to_string().ends_with("type is immutable"), "{e}");
+}
