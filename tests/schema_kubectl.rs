@@ -292,3 +292,27 @@ async fn kube_rs_patch_apply_creates_conflicts_and_forces() {
         .unwrap();
     assert_eq!(forced.data["spec"]["host"], "h2");
 }
+
+#[test]
+fn kubectl_server_side_apply_of_a_deployment_drops_what_it_no_longer_states() {
+    let k = Kubectl::new(serve(crd()));
+    let first = k.file("d1.yaml", DEPLOYMENT);
+    assert_eq!(
+        k.ok(&["apply", "--server-side", "-f", &first]).trim(),
+        "deployment.apps/web serverside-applied"
+    );
+    let second = DEPLOYMENT
+        .replace("        - {name: B, value: '2'}\n", "")
+        .replace("      - name: sidecar\n        image: side:1\n", "");
+    let second = k.file("d2.yaml", &second);
+    k.ok(&["apply", "--server-side", "-f", &second]);
+    let d = k.json(&["deployment", "web"]);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"],
+        json!([{"name": "web", "image": "nginx:1", "env": [{"name": "A", "value": "1"}],
+                "ports": [{"containerPort": 80}]}])
+    );
+    let fields = &d["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"];
+    assert!(fields.get(r#"k:{"name":"web"}"#).is_some(), "{fields}");
+    assert!(fields.get(r#"k:{"name":"sidecar"}"#).is_none(), "{fields}");
+}
