@@ -229,5 +229,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         on_signal.cancel();
     });
-    crate::controller::run(client, config, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+    crate::controller::run(client, config, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }

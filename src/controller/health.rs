@@ -37,7 +37,8 @@ impl LeaseTracker {
             }
             Some(entry) => *entry = (renew_marker.to_string(), now),
             None => {
-                self.seen.insert(host.to_string(), (renew_marker.to_string(), now));
+                self.seen
+                    .insert(host.to_string(), (renew_marker.to_string(), now));
             }
         }
     }
@@ -104,34 +105,63 @@ mod tests {
 
     #[test]
     fn a_renewing_host_is_active_or_in_maintenance() {
-        assert_eq!(judge(HostPhase::Active, s(1), LEASE, EVACUATE, false, true).phase, HostPhase::Active);
-        assert_eq!(judge(HostPhase::Active, s(1), LEASE, EVACUATE, true, true).phase, HostPhase::Maintenance);
-        assert_eq!(judge(HostPhase::Maintenance, s(1), LEASE, EVACUATE, false, true).phase, HostPhase::Active);
+        assert_eq!(
+            judge(HostPhase::Active, s(1), LEASE, EVACUATE, false, true).phase,
+            HostPhase::Active
+        );
+        assert_eq!(
+            judge(HostPhase::Active, s(1), LEASE, EVACUATE, true, true).phase,
+            HostPhase::Maintenance
+        );
+        assert_eq!(
+            judge(HostPhase::Maintenance, s(1), LEASE, EVACUATE, false, true).phase,
+            HostPhase::Active
+        );
     }
 
     #[test]
     fn a_silent_host_becomes_unreachable_then_fenced() {
         let j = judge(HostPhase::Active, s(11), LEASE, EVACUATE, false, true);
-        assert_eq!((j.phase, j.health), (HostPhase::Unreachable, HostHealth::Unreachable));
+        assert_eq!(
+            (j.phase, j.health),
+            (HostPhase::Unreachable, HostHealth::Unreachable)
+        );
         let j = judge(HostPhase::Unreachable, s(61), LEASE, EVACUATE, false, true);
         assert_eq!((j.phase, j.health), (HostPhase::Fenced, HostHealth::Fenced));
     }
 
     #[test]
     fn a_fenced_host_returns_only_when_its_agent_has_caught_up() {
-        assert_eq!(judge(HostPhase::Fenced, s(1), LEASE, EVACUATE, false, false).phase, HostPhase::Fenced);
-        assert_eq!(judge(HostPhase::Fenced, s(30), LEASE, EVACUATE, false, true).phase, HostPhase::Fenced);
-        assert_eq!(judge(HostPhase::Fenced, s(1), LEASE, EVACUATE, false, true).phase, HostPhase::Active);
+        assert_eq!(
+            judge(HostPhase::Fenced, s(1), LEASE, EVACUATE, false, false).phase,
+            HostPhase::Fenced
+        );
+        assert_eq!(
+            judge(HostPhase::Fenced, s(30), LEASE, EVACUATE, false, true).phase,
+            HostPhase::Fenced
+        );
+        assert_eq!(
+            judge(HostPhase::Fenced, s(1), LEASE, EVACUATE, false, true).phase,
+            HostPhase::Active
+        );
     }
 
     #[test]
     fn the_tracker_measures_silence_on_its_own_clock() {
         let t0 = Instant::now();
         let mut t = LeaseTracker::new(t0);
-        assert_eq!(t.silence("h", t0 + s(5)), s(5), "unseen hosts get grace from our start");
+        assert_eq!(
+            t.silence("h", t0 + s(5)),
+            s(5),
+            "unseen hosts get grace from our start"
+        );
         t.observe("h", "r1", t0 + s(5));
         t.observe("h", "r1", t0 + s(9));
-        assert_eq!(t.silence("h", t0 + s(9)), s(4), "an unchanged marker is no renewal");
+        assert_eq!(
+            t.silence("h", t0 + s(9)),
+            s(4),
+            "an unchanged marker is no renewal"
+        );
         t.observe("h", "r2", t0 + s(10));
         assert_eq!(t.silence("h", t0 + s(12)), s(2));
     }

@@ -127,7 +127,12 @@ async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
                 && m.spec.vm_name == vm.name_any()
                 && m.spec.migration_type == MigrationType::Evacuate
                 && !m.status.as_ref().is_some_and(|s| {
-                    matches!(s.phase, crate::api::MigrationPhase::Failed | crate::api::MigrationPhase::Cancelled | crate::api::MigrationPhase::Succeeded)
+                    matches!(
+                        s.phase,
+                        crate::api::MigrationPhase::Failed
+                            | crate::api::MigrationPhase::Cancelled
+                            | crate::api::MigrationPhase::Succeeded
+                    )
                 })
         });
         let vm_id = super::snapshot::id(&namespace, &vm.name_any());
@@ -146,7 +151,10 @@ async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
                 annotations: Some(
                     [(
                         "ferry.dev/reason".to_string(),
-                        format!("{host} was fenced at {}; resilience policy rebuilds this VM", Jiff::now()),
+                        format!(
+                            "{host} was fenced at {}; resilience policy rebuilds this VM",
+                            Jiff::now()
+                        ),
                     )]
                     .into(),
                 ),

@@ -22,15 +22,17 @@ use crate::api::migration::{RejectedHost, SchedulingDecision as ApiDecision};
 use crate::api::{AUTOMATIC_LABEL, MAINTENANCE_LABEL, Migration, MigrationType, VirtualMachine};
 use crate::core::admission::{self, ActiveMigration, Origin, QueuedMigration};
 use crate::core::migration::{
-    self as machine, Action, AdmissionOutcome, EventType as CoreEventType, HostHealth, MigrationKind, Observation,
-    PlacementOutcome, VmObservation,
+    self as machine, Action, AdmissionOutcome, EventType as CoreEventType, HostHealth,
+    MigrationKind, Observation, PlacementOutcome, VmObservation,
 };
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
 use crate::core::time::Timestamp;
 
 use super::snapshot::{self, id};
-use super::status::{self, phase_of, source_report, state_of, status_patch, target_report, to_core};
+use super::status::{
+    self, phase_of, source_report, state_of, status_patch, target_report, to_core,
+};
 use super::{ControllerError, Ctx};
 
 /// The finalizer that lets a deleted Migration be cancelled first.
@@ -86,7 +88,9 @@ fn health(ctx: &Ctx, host: Option<&str>) -> HostHealth {
         Some(h) => match h.status.clone().unwrap_or_default().phase {
             crate::api::HostPhase::Active | crate::api::HostPhase::Maintenance => HostHealth::Ready,
             crate::api::HostPhase::Fenced => HostHealth::Fenced,
-            crate::api::HostPhase::Unreachable | crate::api::HostPhase::Failed => HostHealth::Unreachable,
+            crate::api::HostPhase::Unreachable | crate::api::HostPhase::Failed => {
+                HostHealth::Unreachable
+            }
         },
     }
 }
@@ -126,7 +130,7 @@ fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
             .filter_map(|h| match &h.verdict {
                 Verdict::Chosen(_) => None,
                 Verdict::ScoredLower(s) => Some(RejectedHost {
-                    host: h.host.clone(),
+                    host: h.host.to_string(),
                     reason: "ScoredLower".into(),
                     message: format!(
                         "fits, but scored {:.1} (CPU {:.0}% → {:.0}%)",
@@ -134,9 +138,13 @@ fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
                     ),
                 }),
                 Verdict::Rejected(rs) => Some(RejectedHost {
-                    host: h.host.clone(),
+                    host: h.host.to_string(),
                     reason: rs.first().map_or("Rejected", |r| r.reason()).to_string(),
-                    message: rs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                    message: rs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 }),
             })
             .take(MAX_REJECTED)
@@ -145,7 +153,13 @@ fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
 }
 
 /// Run the scheduler for this migration (under the scheduling lock).
-async fn place(ctx: &Ctx, m: &Migration, key: &str, vm_id: &str, policy: &EffectivePolicy) -> (PlacementOutcome, ApiDecision) {
+async fn place(
+    ctx: &Ctx,
+    m: &Migration,
+    key: &str,
+    vm_id: &str,
+    policy: &EffectivePolicy,
+) -> (PlacementOutcome, ApiDecision) {
     let mut recent = ctx.recent.lock().await;
     recent.expire(Instant::now());
     let extra = recent
@@ -154,7 +168,12 @@ async fn place(ctx: &Ctx, m: &Migration, key: &str, vm_id: &str, policy: &Effect
         .filter(|(k, _)| k.as_str() != key)
         .map(|(k, (f, _))| (k.clone(), f.clone()))
         .collect();
-    let snap = snapshot::build(&ctx.hosts.state(), &ctx.vms.state(), &ctx.migrations.state(), &extra);
+    let snap = snapshot::build(
+        &ctx.hosts.state(),
+        &ctx.vms.state(),
+        &ctx.migrations.state(),
+        &extra,
+    );
     let request = PlacementRequest {
         vm: vm_id,
         target: m.spec.target_host.as_deref(),
@@ -185,11 +204,18 @@ async fn place(ctx: &Ctx, m: &Migration, key: &str, vm_id: &str, policy: &Effect
                     );
                     (PlacementOutcome::Chosen { host: host.clone() }, api)
                 }
-                None => (PlacementOutcome::NoHost { summary: d.summary() }, api),
+                None => (
+                    PlacementOutcome::NoHost {
+                        summary: d.summary(),
+                    },
+                    api,
+                ),
             }
         }
         Err(e) => (
-            PlacementOutcome::NoHost { summary: e.to_string() },
+            PlacementOutcome::NoHost {
+                summary: e.to_string(),
+            },
             ApiDecision {
                 chosen: None,
                 policy: None,
@@ -236,7 +262,12 @@ async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutco
                 target,
                 origin: origin(&other),
                 priority: 0,
-                queued_at: other.meta().creation_timestamp.as_ref().map(to_core).unwrap_or_else(now),
+                queued_at: other
+                    .meta()
+                    .creation_timestamp
+                    .as_ref()
+                    .map(to_core)
+                    .unwrap_or_else(now),
             });
         } else if phase_of_in_flight(phase) || held {
             active.push(ActiveMigration {
@@ -257,18 +288,20 @@ async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutco
         recent.admitted.insert(key.to_string(), Instant::now());
         AdmissionOutcome::Admitted
     } else {
-        let why = plan
-            .waiting
-            .iter()
-            .find(|w| w.name == key)
-            .map_or_else(|| "waiting for a slot".to_string(), |w| format!("#{} in the queue: {}", w.position, w.reason));
+        let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
+            || "waiting for a slot".to_string(),
+            |w| format!("#{} in the queue: {}", w.position, w.reason),
+        );
         AdmissionOutcome::Waiting(why)
     }
 }
 
 fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
     use crate::api::MigrationPhase as P;
-    matches!(p, P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing)
+    matches!(
+        p,
+        P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing
+    )
 }
 
 async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, ControllerError> {
@@ -291,12 +324,11 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         return Ok(Requeue::requeue(Duration::ZERO));
     }
 
-    let vm = ctx
-        .vms
-        .state()
-        .into_iter()
-        .find(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name);
-    let (policy_name, policy, missing_policy) = ctx.policy_for(vm.as_deref(), m.spec.policy.as_deref());
+    let vm = ctx.vms.state().into_iter().find(|v| {
+        v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name
+    });
+    let (policy_name, policy, missing_policy) =
+        ctx.policy_for(vm.as_deref(), m.spec.policy.as_deref());
     let vm_obs = match &vm {
         None => VmObservation::Missing,
         Some(v) => VmObservation::Present {
@@ -306,7 +338,9 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
             memory: v.spec.memory.bytes(),
         },
     };
-    let vm_host = vm.as_ref().and_then(|v| v.status.clone().and_then(|s| s.host));
+    let vm_host = vm
+        .as_ref()
+        .and_then(|v| v.status.clone().and_then(|s| s.host));
     let (source_name, target_name) = match state.hosts() {
         Some((s, t)) => (Some(s.to_string()), Some(t.to_string())),
         None => (vm_host.clone(), None),
@@ -335,7 +369,9 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
             let (outcome, api_decision) = place(ctx, &m, &key, &vm_id, &policy).await;
             observation.placement = Some(outcome);
             scheduling = Some(api_decision);
-        } else if decision.actions.contains(&Action::RequestAdmission) && observation.admission.is_none() {
+        } else if decision.actions.contains(&Action::RequestAdmission)
+            && observation.admission.is_none()
+        {
             observation.admission = Some(admit(ctx, &key, &policy).await);
         } else {
             break;
@@ -344,21 +380,32 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     }
 
     let changed_state = decision.next != state;
-    let previous_reason = status.conditions.iter().find(|c| c.type_ == "Progressing").map(|c| (c.reason.clone(), c.message.clone()));
-    let changed_words = previous_reason.as_ref() != Some(&(decision.reason.to_string(), decision.message.clone()));
+    let previous_reason = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let changed_words =
+        previous_reason.as_ref() != Some(&(decision.reason.to_string(), decision.message.clone()));
     let terminal_before = state.phase().is_terminal();
     if (changed_state || changed_words || scheduling.is_some()) && !terminal_before {
         let mut patch = status_patch(&status, &decision.next, decision.reason, &decision.message);
         if let Some(s) = patch.get_mut("status").and_then(|s| s.as_object_mut()) {
             if let Some(d) = &scheduling {
                 if decision.actions.contains(&Action::StoreSchedulingDecision) {
-                    s.insert("schedulingDecision".into(), serde_json::to_value(d).unwrap_or_default());
+                    s.insert(
+                        "schedulingDecision".into(),
+                        serde_json::to_value(d).unwrap_or_default(),
+                    );
                 }
             }
             if status.policy.is_none() {
                 s.insert("policy".into(), serde_json::json!(policy_name));
             }
-            s.insert("observedGeneration".into(), serde_json::json!(m.metadata.generation));
+            s.insert(
+                "observedGeneration".into(),
+                serde_json::json!(m.metadata.generation),
+            );
         }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -384,8 +431,19 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 patch_vm(&vms, &m.spec.vm_name, &patch).await?;
             }
             Action::ClearVmMigration => {
-                if vm.as_ref().and_then(|v| v.status.clone()).and_then(|s| s.migration).as_deref() == Some(name.as_str()) {
-                    patch_vm(&vms, &m.spec.vm_name, &serde_json::json!({"status": {"migration": null}})).await?;
+                if vm
+                    .as_ref()
+                    .and_then(|v| v.status.clone())
+                    .and_then(|s| s.migration)
+                    .as_deref()
+                    == Some(name.as_str())
+                {
+                    patch_vm(
+                        &vms,
+                        &m.spec.vm_name,
+                        &serde_json::json!({"status": {"migration": null}}),
+                    )
+                    .await?;
                 }
             }
             Action::SetVmHost { host } => {
@@ -401,15 +459,29 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 patch_vm(&vms, &m.spec.vm_name, &patch).await?;
             }
             Action::RemoveFinalizer => {
-                let finalizers: Vec<String> = m.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+                let finalizers: Vec<String> = m
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .cloned()
+                    .collect();
                 let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
-                match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(ControllerError::api("removing the migration finalizer")(e)),
+                    Err(e) => {
+                        return Err(ControllerError::api("removing the migration finalizer")(e));
+                    }
                 }
             }
-            Action::EmitEvent { kind, reason, message } => {
+            Action::EmitEvent {
+                kind,
+                reason,
+                message,
+            } => {
                 let event = Event {
                     type_: match kind {
                         CoreEventType::Normal => EventType::Normal,
@@ -445,8 +517,15 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     })
 }
 
-async fn patch_vm(api: &Api<VirtualMachine>, name: &str, patch: &serde_json::Value) -> Result<(), ControllerError> {
-    match api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+async fn patch_vm(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), ControllerError> {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(ControllerError::api("updating the VM status")(e)),

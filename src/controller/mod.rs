@@ -37,7 +37,9 @@ use kube::{Api, ResourceExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Host, HostMaintenance, Migration, MigrationPolicy, SYSTEM_NAMESPACE, VirtualMachine};
+use crate::api::{
+    Host, HostMaintenance, Migration, MigrationPolicy, SYSTEM_NAMESPACE, VirtualMachine,
+};
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::InFlight;
 
@@ -107,10 +109,14 @@ impl Recent {
     /// Forget what the caches must show by now.
     pub fn expire(&mut self, now: Instant) {
         const HORIZON: Duration = Duration::from_secs(10);
-        self.targets.retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
-        self.admitted.retain(|_, at| now.duration_since(*at) < HORIZON);
-        self.placed.retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
-        self.evacuations.retain(|_, at| now.duration_since(*at) < HORIZON);
+        self.targets
+            .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
+        self.admitted
+            .retain(|_, at| now.duration_since(*at) < HORIZON);
+        self.placed
+            .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
+        self.evacuations
+            .retain(|_, at| now.duration_since(*at) < HORIZON);
     }
 }
 
@@ -143,12 +149,26 @@ pub struct Ctx {
 impl Ctx {
     /// The policy that applies to a VM (or the explicitly named one) and its
     /// effective settings; `Err` names a policy that does not resolve.
-    pub fn policy_for(&self, vm: Option<&VirtualMachine>, explicit: Option<&str>) -> (Option<String>, EffectivePolicy, Option<String>) {
-        let policies: Vec<MigrationPolicy> = self.policies.state().iter().map(|p| (**p).clone()).collect();
+    pub fn policy_for(
+        &self,
+        vm: Option<&VirtualMachine>,
+        explicit: Option<&str>,
+    ) -> (Option<String>, EffectivePolicy, Option<String>) {
+        let policies: Vec<MigrationPolicy> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
         let labels = vm.map(|v| v.labels().clone()).unwrap_or_default();
         let namespace_labels = vm
             .and_then(|v| v.namespace())
-            .and_then(|ns| self.namespaces.state().into_iter().find(|n| n.name_any() == ns))
+            .and_then(|ns| {
+                self.namespaces
+                    .state()
+                    .into_iter()
+                    .find(|n| n.name_any() == ns)
+            })
             .map(|n| n.labels().clone())
             .unwrap_or_default();
         match crate::bridge::policy::resolve(&policies, explicit, &labels, &namespace_labels) {
@@ -175,7 +195,13 @@ impl Ctx {
 
 fn store<K>(api: Api<K>, shutdown: &CancellationToken) -> reflector::Store<K>
 where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
@@ -196,7 +222,11 @@ where
 }
 
 /// Run the controller until `shutdown`.
-pub async fn run(client: kube::Client, config: ControllerConfig, shutdown: CancellationToken) -> Result<(), ControllerError> {
+pub async fn run(
+    client: kube::Client,
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         config: config.clone(),
@@ -205,7 +235,10 @@ pub async fn run(client: kube::Client, config: ControllerConfig, shutdown: Cance
         migrations: store(Api::<Migration>::all(client.clone()), &shutdown),
         policies: store(Api::<MigrationPolicy>::all(client.clone()), &shutdown),
         namespaces: store(Api::<Namespace>::all(client.clone()), &shutdown),
-        leases: store(Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE), &shutdown),
+        leases: store(
+            Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE),
+            &shutdown,
+        ),
         maintenances: store(Api::<HostMaintenance>::all(client.clone()), &shutdown),
         recent: Mutex::default(),
         leases_seen: std::sync::Mutex::new(health::LeaseTracker::new(Instant::now())),

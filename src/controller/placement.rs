@@ -23,7 +23,10 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
         .vms
         .state()
         .into_iter()
-        .filter(|v| v.spec.run_strategy == RunStrategy::Running && v.status.as_ref().and_then(|s| s.host.as_ref()).is_none())
+        .filter(|v| {
+            v.spec.run_strategy == RunStrategy::Running
+                && v.status.as_ref().and_then(|s| s.host.as_ref()).is_none()
+        })
         .filter(|v| v.metadata.deletion_timestamp.is_none())
         .collect();
     if unplaced.is_empty() {
@@ -50,22 +53,39 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
                     },
                 )
             })
-            .chain(recent.targets.iter().map(|(k, (f, _))| (k.clone(), f.clone())))
+            .chain(
+                recent
+                    .targets
+                    .iter()
+                    .map(|(k, (f, _))| (k.clone(), f.clone())),
+            )
             .collect();
-        let snap = snapshot::build(&ctx.hosts.state(), &ctx.vms.state(), &ctx.migrations.state(), &extra);
+        let snap = snapshot::build(
+            &ctx.hosts.state(),
+            &ctx.vms.state(),
+            &ctx.migrations.state(),
+            &extra,
+        );
         let (_, policy, _) = ctx.policy_for(Some(&vm), None);
-        let pinned = vm.spec.placement.as_ref().and_then(|p| p.pinned_host.clone());
+        let pinned = vm
+            .spec
+            .placement
+            .as_ref()
+            .and_then(|p| p.pinned_host.clone());
         let request = PlacementRequest {
             vm: &vm_id,
             target: pinned.as_deref(),
             ignore_inbound_limit: true,
         };
         let now = Timestamp::from_millis(Jiff::now().as_millisecond());
-        let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+        let api: Api<VirtualMachine> =
+            Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
         let patch = match scheduler::place(&snap, &policy, &request, now) {
             Ok(decision) => match &decision.chosen {
                 Some(host) => {
-                    recent.placed.insert(vm_id.clone(), (host.clone(), Instant::now()));
+                    recent
+                        .placed
+                        .insert(vm_id.clone(), (host.clone(), Instant::now()));
                     tracing::info!(vm = %vm_id, %host, "{}", decision.summary());
                     serde_json::json!({"status": {
                         "host": host,
@@ -85,15 +105,21 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
         };
         let unchanged = vm.status.as_ref().is_some_and(|s| {
             s.conditions.iter().any(|c| {
-                c.type_ == "Scheduled" && Some(c.message.as_str()) == patch["status"]["conditions"][0]["message"].as_str()
+                c.type_ == "Scheduled"
+                    && Some(c.message.as_str())
+                        == patch["status"]["conditions"][0]["message"].as_str()
             })
         });
         if unchanged {
             continue;
         }
-        api.patch_status(&vm.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(ControllerError::api("placing a VM"))?;
+        api.patch_status(
+            &vm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(ControllerError::api("placing a VM"))?;
     }
     Ok(())
 }

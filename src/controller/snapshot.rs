@@ -7,7 +7,9 @@ use kube::ResourceExt;
 use crate::api::host::HostPhase as ApiHostPhase;
 use crate::api::vm::DiskCache;
 use crate::api::{Host, Migration, MigrationPhase, VirtualMachine};
-use crate::core::scheduler::{HostInfo, HostPhase, InFlight, LoadSample, Resources, Snapshot, VmInfo, VmPlacement};
+use crate::core::scheduler::{
+    HostInfo, HostPhase, InFlight, LoadSample, Resources, Snapshot, VmInfo, VmPlacement,
+};
 
 use super::status::to_core;
 
@@ -58,7 +60,10 @@ pub fn host_info(h: &Host) -> HostInfo {
                 free_memory: s.free_memory.bytes(),
             })
             .collect(),
-        control_host: h.labels().get(CONTROL_HOST_LABEL).is_some_and(|v| v == "true"),
+        control_host: h
+            .labels()
+            .get(CONTROL_HOST_LABEL)
+            .is_some_and(|v| v == "true"),
     }
 }
 
@@ -74,7 +79,12 @@ pub fn vm_info(vm: &VirtualMachine) -> VmInfo {
             memory: vm.spec.memory.bytes(),
         },
         cpu_model: vm.spec.cpu_model.clone(),
-        required_cpu_features: vm.spec.required_cpu_features.iter().cloned().collect::<BTreeSet<_>>(),
+        required_cpu_features: vm
+            .spec
+            .required_cpu_features
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
         placement: VmPlacement {
             cluster: placement.cluster,
             host_selector: placement.host_selector,
@@ -83,7 +93,11 @@ pub fn vm_info(vm: &VirtualMachine) -> VmInfo {
             anti_affinity_group: placement.anti_affinity_group,
         },
         migratable: vm.spec.migratable,
-        quarantined: status.conditions.iter().any(|c| c.type_ == "Quarantined" && c.status == "True"),
+        highly_available: vm.spec.highly_available,
+        quarantined: status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Quarantined" && c.status == "True"),
     }
 }
 
@@ -128,7 +142,10 @@ pub fn build(
         .iter()
         .map(|h| {
             let mut info = host_info(h);
-            info.allocated = allocated.get(info.name.as_str()).copied().unwrap_or_default();
+            info.allocated = allocated
+                .get(info.name.as_str())
+                .copied()
+                .unwrap_or_default();
             info
         })
         .collect();

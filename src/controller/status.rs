@@ -20,10 +20,11 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp as Jiff;
 
-use crate::api::migration::{AgentReport, AgentState, MigrationStatus, Timestamps};
 use crate::api::MigrationPhase;
+use crate::api::migration::{AgentReport, AgentState, MigrationStatus, Timestamps};
 use crate::core::migration::{
-    AbortCause, AbortRequest, AgentFailure, FailureReason, MigrationState, SourceReport, TargetReport,
+    AbortCause, AbortRequest, AgentFailure, FailureReason, MigrationState, SourceReport,
+    TargetReport,
 };
 use crate::core::time::Timestamp;
 
@@ -86,7 +87,9 @@ pub fn source_report(status: &MigrationStatus, now: Timestamp) -> SourceReport {
             downtime: status.downtime_ms.map(Duration::from_millis),
         },
         AgentState::Aborted => SourceReport::Aborted,
-        AgentState::Failed => SourceReport::Failed(failure(r.reason.as_deref(), r.message.as_deref())),
+        AgentState::Failed => {
+            SourceReport::Failed(failure(r.reason.as_deref(), r.message.as_deref()))
+        }
         _ => SourceReport::None,
     }
 }
@@ -125,7 +128,8 @@ pub fn state_of(status: &MigrationStatus, now: Timestamp) -> MigrationState {
                         AbortCause::Cancel
                     } else {
                         AbortCause::Failure(
-                            FailureReason::from_str(&c.reason).unwrap_or(FailureReason::TransferFailed),
+                            FailureReason::from_str(&c.reason)
+                                .unwrap_or(FailureReason::TransferFailed),
                             c.message.clone(),
                         )
                     },
@@ -159,7 +163,9 @@ pub fn state_of(status: &MigrationStatus, now: Timestamp) -> MigrationState {
             message: status.message.clone().unwrap_or_default(),
             at: at(&ts.completed),
         },
-        MigrationPhase::Cancelled => MigrationState::Cancelled { at: at(&ts.completed) },
+        MigrationPhase::Cancelled => MigrationState::Cancelled {
+            at: at(&ts.completed),
+        },
     }
 }
 
@@ -199,19 +205,33 @@ pub fn status_patch(
     match state {
         MigrationState::Scheduled { scheduled, .. } => ts.scheduled = Some(to_api(*scheduled)),
         MigrationState::PreparingTarget { started, .. } => ts.started = Some(to_api(*started)),
-        MigrationState::Running { started, abort: a, .. } => {
+        MigrationState::Running {
+            started, abort: a, ..
+        } => {
             ts.started = Some(to_api(*started));
             abort = a.as_ref();
         }
-        MigrationState::PostCopy { started, post_copy_since, .. } => {
+        MigrationState::PostCopy {
+            started,
+            post_copy_since,
+            ..
+        } => {
             ts.started = Some(to_api(*started));
             ts.post_copy = Some(to_api(*post_copy_since));
         }
-        MigrationState::Completing { switchover, downtime: d, .. } => {
+        MigrationState::Completing {
+            switchover,
+            downtime: d,
+            ..
+        } => {
             ts.switchover = Some(to_api(*switchover));
             downtime = *d;
         }
-        MigrationState::Succeeded { completed, downtime: d, .. } => {
+        MigrationState::Succeeded {
+            completed,
+            downtime: d,
+            ..
+        } => {
             ts.completed = Some(to_api(*completed));
             downtime = *d;
         }
@@ -233,7 +253,10 @@ pub fn status_patch(
             .map(|c| c.last_transition_time.clone())
     };
     let succeeded = phase == MigrationPhase::Succeeded;
-    let done = matches!(phase, MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::Cancelled);
+    let done = matches!(
+        phase,
+        MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::Cancelled
+    );
     let progressing = if done { "False" } else { "True" };
     conditions.push(Condition {
         type_: "Progressing".into(),
@@ -247,14 +270,21 @@ pub fn status_patch(
     conditions.push(Condition {
         type_: "Succeeded".into(),
         status: ok.into(),
-        reason: if succeeded { "Succeeded".into() } else { phase_name(phase).into() },
+        reason: if succeeded {
+            "Succeeded".into()
+        } else {
+            phase_name(phase).into()
+        },
         message: message.to_string(),
         last_transition_time: keep_time("Succeeded", ok).unwrap_or_else(|| now.clone()),
         observed_generation: None,
     });
     if let Some(a) = abort {
         let (reason, message) = match &a.cause {
-            AbortCause::Cancel => ("Cancelled".to_string(), "cancel requested; the source agent stops the transfer".to_string()),
+            AbortCause::Cancel => (
+                "Cancelled".to_string(),
+                "cancel requested; the source agent stops the transfer".to_string(),
+            ),
             AbortCause::Failure(r, m) => (r.as_str().to_string(), m.clone()),
         };
         conditions.push(Condition {
@@ -266,7 +296,9 @@ pub fn status_patch(
             observed_generation: None,
         });
     }
-    let (source, target) = state.hosts().map_or((None, None), |(s, t)| (Some(s.to_string()), Some(t.to_string())));
+    let (source, target) = state.hosts().map_or((None, None), |(s, t)| {
+        (Some(s.to_string()), Some(t.to_string()))
+    });
     let mut status = serde_json::json!({
         "phase": phase,
         "timestamps": ts,
@@ -333,15 +365,34 @@ mod tests {
         let (s, g) = ("host-1".to_string(), "host-2".to_string());
         roundtrip(MigrationState::Pending);
         roundtrip(MigrationState::Scheduling);
-        roundtrip(MigrationState::Queued { source: s.clone(), target: g.clone() });
-        roundtrip(MigrationState::Scheduled { source: s.clone(), target: g.clone(), scheduled: t });
-        roundtrip(MigrationState::PreparingTarget { source: s.clone(), target: g.clone(), started: t });
-        roundtrip(MigrationState::Running { source: s.clone(), target: g.clone(), started: t, abort: None });
+        roundtrip(MigrationState::Queued {
+            source: s.clone(),
+            target: g.clone(),
+        });
+        roundtrip(MigrationState::Scheduled {
+            source: s.clone(),
+            target: g.clone(),
+            scheduled: t,
+        });
+        roundtrip(MigrationState::PreparingTarget {
+            source: s.clone(),
+            target: g.clone(),
+            started: t,
+        });
         roundtrip(MigrationState::Running {
             source: s.clone(),
             target: g.clone(),
             started: t,
-            abort: Some(AbortRequest { cause: AbortCause::Cancel, at: t }),
+            abort: None,
+        });
+        roundtrip(MigrationState::Running {
+            source: s.clone(),
+            target: g.clone(),
+            started: t,
+            abort: Some(AbortRequest {
+                cause: AbortCause::Cancel,
+                at: t,
+            }),
         });
         roundtrip(MigrationState::Running {
             source: s.clone(),
@@ -352,15 +403,29 @@ mod tests {
                 at: t,
             }),
         });
-        roundtrip(MigrationState::PostCopy { source: s.clone(), target: g.clone(), started: t, post_copy_since: t });
+        roundtrip(MigrationState::PostCopy {
+            source: s.clone(),
+            target: g.clone(),
+            started: t,
+            post_copy_since: t,
+        });
         roundtrip(MigrationState::Completing {
             source: s.clone(),
             target: g.clone(),
             switchover: t,
             downtime: Some(Duration::from_millis(12)),
         });
-        roundtrip(MigrationState::Succeeded { source: s, target: g, completed: t, downtime: None });
-        roundtrip(MigrationState::Failed { reason: FailureReason::NoHostFits, message: "m".into(), at: t });
+        roundtrip(MigrationState::Succeeded {
+            source: s,
+            target: g,
+            completed: t,
+            downtime: None,
+        });
+        roundtrip(MigrationState::Failed {
+            reason: FailureReason::NoHostFits,
+            message: "m".into(),
+            at: t,
+        });
         roundtrip(MigrationState::Cancelled { at: t });
     }
 
@@ -371,12 +436,16 @@ mod tests {
         status.target = Some(report(AgentState::Ready, None));
         assert_eq!(target_report(&status), TargetReport::Ready);
         status.target = Some(report(AgentState::Failed, Some("PeerRejected")));
-        assert!(matches!(target_report(&status), TargetReport::Failed(f) if f.reason == FailureReason::PeerRejected));
+        assert!(
+            matches!(target_report(&status), TargetReport::Failed(f) if f.reason == FailureReason::PeerRejected)
+        );
         status.source = Some(report(AgentState::SwitchedOver, None));
         status.downtime_ms = Some(7);
         assert_eq!(
             source_report(&status, Timestamp::from_millis(0)),
-            SourceReport::SwitchedOver { downtime: Some(Duration::from_millis(7)) }
+            SourceReport::SwitchedOver {
+                downtime: Some(Duration::from_millis(7))
+            }
         );
     }
 }
