@@ -391,13 +391,13 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     if (changed_state || changed_words || scheduling.is_some()) && !terminal_before {
         let mut patch = status_patch(&status, &decision.next, decision.reason, &decision.message);
         if let Some(s) = patch.get_mut("status").and_then(|s| s.as_object_mut()) {
-            if let Some(d) = &scheduling {
-                if decision.actions.contains(&Action::StoreSchedulingDecision) {
-                    s.insert(
-                        "schedulingDecision".into(),
-                        serde_json::to_value(d).unwrap_or_default(),
-                    );
-                }
+            if let Some(d) = &scheduling
+                && decision.actions.contains(&Action::StoreSchedulingDecision)
+            {
+                s.insert(
+                    "schedulingDecision".into(),
+                    serde_json::to_value(d).unwrap_or_default(),
+                );
             }
             if status.policy.is_none() {
                 s.insert("policy".into(), serde_json::json!(policy_name));
