@@ -40,6 +40,31 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// How a test cluster runs.
+#[derive(Clone)]
+pub struct Options {
+    /// Host names.
+    pub hosts: Vec<String>,
+    /// The agents' Lease duration (and the controller's Unreachable threshold).
+    pub lease_duration: Duration,
+    /// The agents' fencing delay.
+    pub fence_after: Duration,
+    /// Run each host's fencing watchdog (in a thread of the test).
+    pub watchdog: bool,
+}
+
+impl Options {
+    /// Hosts with the defaults: 10 s leases, 40 s fencing, no watchdog.
+    pub fn hosts(hosts: &[&str]) -> Options {
+        Options {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            lease_duration: Duration::from_secs(10),
+            fence_after: Duration::from_secs(40),
+            watchdog: false,
+        }
+    }
+}
+
 /// A running cluster.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -54,6 +79,13 @@ impl Cluster {
     /// Start the API server, install the CRDs, then the controller and one
     /// agent per host.
     pub async fn start(hosts: &[&str]) -> Cluster {
+        Cluster::start_with(Options::hosts(hosts)).await
+    }
+
+    /// As [`Cluster::start`], with options.
+    pub async fn start_with(options: Options) -> Cluster {
+        let hosts: Vec<&str> = options.hosts.iter().map(String::as_str).collect();
+        let hosts = hosts.as_slice();
         let dir = tempfile::Builder::new()
             .prefix("fc")
             .tempdir_in("/tmp")
@@ -94,13 +126,19 @@ impl Cluster {
                 tls: TlsSettings::default(),
                 capacity_cpus: 4,
                 capacity_memory: Some(1 << 30),
-                lease_duration: Duration::from_secs(10),
+                lease_duration: options.lease_duration,
                 renew_interval: Duration::from_millis(500),
-                fence_after: Duration::from_secs(40),
+                fence_after: options.fence_after,
                 simulated_load_file: None,
                 stall_timeout: Duration::from_secs(10),
                 watchdog: false,
             };
+            if options.watchdog {
+                let state_dir = config.state_dir.clone();
+                std::fs::create_dir_all(&state_dir).unwrap();
+                ferry::agent::daemon::watchdog::touch(&state_dir, options.fence_after).unwrap();
+                std::thread::spawn(move || ferry::agent::daemon::watchdog::run(&state_dir));
+            }
             let token = CancellationToken::new();
             let agent_client = client.clone();
             let stop = token.clone();
@@ -115,7 +153,10 @@ impl Cluster {
         let stop = controller.clone();
         let controller_client = client.clone();
         tokio::spawn(async move {
-            let config = ferry::controller::ControllerConfig::default();
+            let config = ferry::controller::ControllerConfig {
+                lease_duration: options.lease_duration,
+                ..ferry::controller::ControllerConfig::default()
+            };
             ferry::controller::run(controller_client, config, stop)
                 .await
                 .unwrap();
@@ -145,6 +186,16 @@ impl Cluster {
         .await
         .expect("every host is published and Active");
         cluster
+    }
+
+    /// Stop a host's agent the way a crash does: its QEMUs keep running, its
+    /// Lease is no longer renewed (its watchdog, if any, goes on).
+    pub fn kill_agent(&self, host: &str) {
+        for (h, token) in &self.agents {
+            if h == host {
+                token.cancel();
+            }
+        }
     }
 
     /// A host's agent state directory.
@@ -181,6 +232,7 @@ impl Drop for Cluster {
             token.cancel();
         }
         for host in self.hosts.clone() {
+            let _ = ferry::agent::daemon::watchdog::stand_down(&self.state_dir(&host));
             for pid in self.running_qemus(&host) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
