@@ -1,6 +1,7 @@
 //! The node agent.
 
 pub mod guest;
+pub mod machine;
 pub mod migrate;
 pub mod pki;
 pub mod qemu;
