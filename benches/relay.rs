@@ -90,7 +90,9 @@ async fn migrate_once(
     vm: &Arc<QemuProcess>,
     to: &Host,
 ) -> (Round, Arc<QemuProcess>) {
-    let target = migrate::prepare_target(&to.vms, spec, config).await.unwrap();
+    let target = migrate::prepare_target(&to.vms, spec, config)
+        .await
+        .unwrap();
     let mref = MigrationRef {
         namespace: "bench".into(),
         name: format!("m{n}"),
@@ -148,7 +150,9 @@ async fn migrate_once(
     })
     .await
     .unwrap();
-    q.execute(&qmp::Migrate { uri, resume: None }).await.unwrap();
+    q.execute(&qmp::Migrate { uri, resume: None })
+        .await
+        .unwrap();
     let info = loop {
         let info = q.execute(&qmp::QueryMigrate {}).await.unwrap();
         match info.status {
@@ -184,7 +188,10 @@ async fn main() {
         0 => None,
         n => Some(n as u8),
     };
-    let tmp = tempfile::Builder::new().prefix("fb").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("fb")
+        .tempdir_in("/tmp")
+        .unwrap();
     let ca = ClusterCa::generate("bench").unwrap();
     let a = host(tmp.path(), "host-a", &ca).await;
     let b = host(tmp.path(), "host-b", &ca).await;
@@ -201,16 +208,20 @@ async fn main() {
     );
     spec.extra_args = vec![
         "-device".into(),
-        format!("isa-debug-exit,iobase={:#x},iosize=0x04", guest::DEBUG_EXIT_IOBASE),
+        format!(
+            "isa-debug-exit,iobase={:#x},iosize=0x04",
+            guest::DEBUG_EXIT_IOBASE
+        ),
     ];
     let config = MigrationConfig {
         multifd_channels: multifd,
         ..MigrationConfig::default()
     };
     let mut vm = a.vms.start(&spec, false).await.unwrap();
-    let mut console = GuestConsole::connect_timeout(&vm.dir().serial_socket(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut console =
+        GuestConsole::connect_timeout(&vm.dir().serial_socket(), Duration::from_secs(10))
+            .await
+            .unwrap();
     let ready = console.wait_ready(Duration::from_secs(300)).await.unwrap();
     drop(console);
     println!(
@@ -265,5 +276,9 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     let owner = if on_a { &a } else { &b };
-    owner.vms.stop("bench", Duration::from_secs(10)).await.unwrap();
+    owner
+        .vms
+        .stop("bench", Duration::from_secs(10))
+        .await
+        .unwrap();
 }
