@@ -234,6 +234,11 @@ pub enum MigrationError {
     /// Waited too long.
     #[error("{0} timed out")]
     Timeout(&'static str),
+    /// The target cannot enable post-copy (no userfaultfd on its host, or a
+    /// capability it does not combine with); the migration fails at
+    /// preparation with QEMU's reason.
+    #[error("post-copy cannot be enabled on the target: {0}")]
+    PostcopyUnsupported(String),
     /// The stream broke during post-copy: the guest lives on the target,
     /// paused, and recovers with [`TargetHandle::recover`] then
     /// [`resume_source`].
@@ -259,6 +264,7 @@ impl MigrationError {
             MigrationError::TargetExited(_) => "TargetExited",
             MigrationError::Timeout(_) => "Timeout",
             MigrationError::PostcopyPaused { .. } => "PostcopyPaused",
+            MigrationError::PostcopyUnsupported(_) => "PostcopyUnsupported",
         }
     }
 }

@@ -31,11 +31,29 @@ pub async fn prepare_target(
         })?;
     let setup = async {
         let q = vm.qmp();
-        q.execute(&qmp::MigrateSetCapabilities {
-            capabilities: config.capabilities(),
-        })
-        .await
-        .map_err(qmp_err("setting the target's migration capabilities"))?;
+        let caps = q
+            .execute(&qmp::MigrateSetCapabilities {
+                capabilities: config.capabilities(),
+            })
+            .await;
+        if let Err(e) = caps {
+            // Post-copy needs userfaultfd on the target host; tell that
+            // apart from other refusals by trying again without it.
+            let without = MigrationConfig {
+                postcopy: false,
+                ..config.clone()
+            };
+            if config.postcopy
+                && q.execute(&qmp::MigrateSetCapabilities {
+                    capabilities: without.capabilities(),
+                })
+                .await
+                .is_ok()
+            {
+                return Err(MigrationError::PostcopyUnsupported(e.to_string()));
+            }
+            return Err(qmp_err("setting the target's migration capabilities")(e));
+        }
         if let Some(n) = config.multifd_channels {
             q.execute(&qmp::MigrateSetParameters {
                 multifd_channels: Some(n),
