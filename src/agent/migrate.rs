@@ -612,12 +612,14 @@ async fn cancel_and_wait(vm: &QemuProcess, relay: &SourceRelay) {
 pub async fn finish_source(vms: &VmManager, vm: &QemuProcess) -> Result<(), MigrationError> {
     match vms.stop(&vm.spec().name, Duration::from_secs(10)).await {
         Ok(()) => Ok(()),
-        Err(VmError::NotFound(_)) => vm.stop(Duration::from_secs(10)).await.map_err(|e| {
-            MigrationError::Vm {
-                side: "source",
-                source: e.into(),
-            }
-        }),
+        Err(VmError::NotFound(_)) => {
+            vm.stop(Duration::from_secs(10))
+                .await
+                .map_err(|e| MigrationError::Vm {
+                    side: "source",
+                    source: e.into(),
+                })
+        }
         Err(source) => Err(MigrationError::Vm {
             side: "source",
             source,

@@ -85,7 +85,8 @@ impl RateLimiter {
 
     /// Changes the limit (applies from the next chunk).
     pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
-        self.rate.store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+        self.rate
+            .store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// The limit in bytes per second, if any.
@@ -139,7 +140,10 @@ mod tests {
         let l = RateLimiter::new(Some(1_000_000));
         // 1 MB against an empty bucket: about one second of debt.
         let w = l.take(1_000_000);
-        assert!(w > Duration::from_millis(900) && w <= Duration::from_millis(1000), "{w:?}");
+        assert!(
+            w > Duration::from_millis(900) && w <= Duration::from_millis(1000),
+            "{w:?}"
+        );
         // A second taker queues behind the first one's debt.
         let w2 = l.take(500_000);
         assert!(w2 > Duration::from_millis(1400), "{w2:?}");
@@ -154,6 +158,9 @@ mod tests {
         assert_eq!(c.total(), 13);
         c.channel_closed();
         let s = c.snapshot();
-        assert_eq!((s.forward_bytes, s.channels_opened, s.channels_active), (10, 1, 0));
+        assert_eq!(
+            (s.forward_bytes, s.channels_opened, s.channels_active),
+            (10, 1, 0)
+        );
     }
 }

@@ -104,7 +104,10 @@ impl SourceRelay {
 
     /// How each finished channel ended, in order of completion.
     pub fn reports(&self) -> Vec<ChannelReport> {
-        self.reports.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The first channel failure, if any (e.g. the target's refusal).
@@ -164,10 +167,13 @@ async fn accept_loop(
                     "source relay channel failed"
                 );
             }
-            reports.lock().unwrap_or_else(|p| p.into_inner()).push(ChannelReport {
-                channel: index,
-                error: r.err().map(Arc::new),
-            });
+            reports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ChannelReport {
+                    channel: index,
+                    error: r.err().map(Arc::new),
+                });
         });
     }
 }
@@ -196,7 +202,9 @@ async fn run_channel(
         match &cfg.transport {
             ClientTransport::Tls(tls) => {
                 let name = rustls_pki_types::ServerName::try_from(cfg.target_host.clone())
-                    .map_err(|_| RelayError::Handshake(format!("bad target host {}", cfg.target_host)))?;
+                    .map_err(|_| {
+                        RelayError::Handshake(format!("bad target host {}", cfg.target_host))
+                    })?;
                 let stream = tokio_rustls::TlsConnector::from(tls.clone())
                     .connect(name, tcp)
                     .await

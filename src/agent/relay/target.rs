@@ -131,7 +131,10 @@ impl MigrationTable {
     }
 
     fn refuse(&self, uid: &str, r: Refusal) -> Refusal {
-        lock(&self.refusals).entry(uid.into()).or_default().push(r.clone());
+        lock(&self.refusals)
+            .entry(uid.into())
+            .or_default()
+            .push(r.clone());
         r
     }
 }
@@ -152,7 +155,10 @@ impl Authorizer for MigrationTable {
                 uid,
                 Refusal::new(
                     RefusalReason::MigrationMismatch,
-                    format!("uid {uid} belongs to {}, not {}", e.migration, hello.migration),
+                    format!(
+                        "uid {uid} belongs to {}, not {}",
+                        e.migration, hello.migration
+                    ),
                 ),
             )),
             Some(e) if e.source_host != peer_host => Err(self.refuse(
@@ -247,10 +253,12 @@ impl TargetRelay {
         transport: ServerTransport,
         authorizer: Arc<dyn Authorizer>,
     ) -> Result<TargetRelay, RelayError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| RelayError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
         let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
             addr: addr.to_string(),
             source,
@@ -315,7 +323,9 @@ impl Drop for TargetRelay {
 
 async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: SocketAddr) {
     let refuse = |peer_host: Option<String>, hello: Option<Hello>, refusal: Refusal| {
-        *lock(&shared.stats.refusals).entry(refusal.reason).or_default() += 1;
+        *lock(&shared.stats.refusals)
+            .entry(refusal.reason)
+            .or_default() += 1;
         tracing::warn!(
             %peer_addr, peer_host = peer_host.as_deref().unwrap_or("-"),
             migration = hello.as_ref().map(|h| h.migration.to_string()).unwrap_or_default(),
@@ -366,15 +376,24 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, None, r);
         }
         Err(_) => {
-            return refuse(peer_host, None, Refusal::new(RefusalReason::BadHandshake, "no hello in time"));
+            return refuse(
+                peer_host,
+                None,
+                Refusal::new(RefusalReason::BadHandshake, "no hello in time"),
+            );
         }
     };
     // In plain mode the claim is all there is (benchmarks only).
-    let peer = peer_host.clone().unwrap_or_else(|| hello.source_host.clone());
+    let peer = peer_host
+        .clone()
+        .unwrap_or_else(|| hello.source_host.clone());
     if peer != hello.source_host {
         let r = Refusal::new(
             RefusalReason::ClaimMismatch,
-            format!("peer claims to be {} but its certificate names {peer}", hello.source_host),
+            format!(
+                "peer claims to be {} but its certificate names {peer}",
+                hello.source_host
+            ),
         );
         let _ = wire::write_reply(&mut stream, &reply(&r)).await;
         return refuse(peer_host, Some(hello), r);
@@ -401,7 +420,10 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
     }
-    shared.stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .stats
+        .accepted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(migration = %hello.migration, channel = hello.channel, %peer, "relay channel accepted");
     delivery.counters.channel_opened();
     let cancel = CancellationToken::new();

@@ -84,7 +84,11 @@ const KIND_HELLO: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, body: &[u8]) -> Result<(), WireError> {
+async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    body: &[u8],
+) -> Result<(), WireError> {
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
     if len > MAX_BODY {
         return Err(WireError::TooLarge(len));
@@ -214,12 +218,21 @@ mod tests {
         let mut buf = Vec::new();
         write_hello(&mut buf, &hello()).await.unwrap();
         buf[5] = 9;
-        assert!(matches!(read_hello(&mut &buf[..]).await, Err(WireError::Version(9))));
+        assert!(matches!(
+            read_hello(&mut &buf[..]).await,
+            Err(WireError::Version(9))
+        ));
         buf[0] = b'X';
-        assert!(matches!(read_hello(&mut &buf[..]).await, Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            read_hello(&mut &buf[..]).await,
+            Err(WireError::BadMagic(_))
+        ));
         let mut short = Vec::new();
         write_hello(&mut short, &hello()).await.unwrap();
         short.truncate(20);
-        assert!(matches!(read_hello(&mut &short[..]).await, Err(WireError::Io(_))));
+        assert!(matches!(
+            read_hello(&mut &short[..]).await,
+            Err(WireError::Io(_))
+        ));
     }
 }
