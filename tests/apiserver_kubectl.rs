@@ -263,3 +263,128 @@ async fn kubectl_builtin_kinds_and_namespaces() {
     let (ok, _, _) = k.run(&["get", "namespace", "demo"]).await;
     assert!(!ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_generators_send_protobuf() {
+    let s = TestServer::start().await;
+    let k = Kubectl {
+        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
+        dir: s.dir.path().to_path_buf(),
+    };
+    k.ok(&["create", "namespace", "gen"]).await;
+    k.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "gen",
+        "--from-literal=a=b",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "gen",
+        "--from-literal=k=v",
+    ])
+    .await;
+    k.ok(&["create", "serviceaccount", "sa", "-n", "gen"]).await;
+    k.ok(&[
+        "create",
+        "role",
+        "r",
+        "-n",
+        "gen",
+        "--verb=get,list",
+        "--resource=leases",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "rb",
+        "-n",
+        "gen",
+        "--role=r",
+        "--user=alice",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "clusterrole",
+        "cr",
+        "--verb=get",
+        "--resource=namespaces",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "clusterrolebinding",
+        "crb",
+        "--clusterrole=cr",
+        "--group=devs",
+    ])
+    .await;
+    assert_eq!(
+        k.ok(&["get", "cm", "c", "-n", "gen", "-o", "jsonpath={.data.a}"])
+            .await,
+        "b"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "secret",
+            "s",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.data.k}"
+        ])
+        .await,
+        "dg=="
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "role",
+            "r",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.rules[0].verbs}"
+        ])
+        .await,
+        r#"["get","list"]"#
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "rolebinding",
+            "rb",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.subjects[0].name}"
+        ])
+        .await,
+        "alice"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "clusterrolebinding",
+            "crb",
+            "-o",
+            "jsonpath={.roleRef.name}"
+        ])
+        .await,
+        "cr"
+    );
+    k.ok(&["delete", "namespace", "gen", "--wait", "--timeout=20s"])
+        .await;
+    let (ok, _, _) = k.run(&["get", "namespace", "gen"]).await;
+    assert!(!ok);
+}

@@ -322,8 +322,7 @@ pub async fn create(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
         ));
     }
     let info = rr.info.clone();
-    objmeta::check_content_type(&rr.headers)?;
-    let mut obj = objmeta::parse_object(&rr.body)?;
+    let mut obj = objmeta::decode_body(&rr.headers, &rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let name = prepare_create(&info, &mut obj, &rr.namespace)?;
     namespace_gate(state, &info, &rr.namespace, &name)?;
@@ -505,8 +504,7 @@ pub fn finish(old: &Value, new: Value) -> Mutation {
 pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, ApiError> {
     let name = require_name(&rr)?;
     let info = rr.info.clone();
-    objmeta::check_content_type(&rr.headers)?;
-    let mut obj = objmeta::parse_object(&rr.body)?;
+    let mut obj = objmeta::decode_body(&rr.headers, &rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let body_name = meta_str(&obj, "name").unwrap_or("");
     if !body_name.is_empty() && body_name != name {
@@ -566,8 +564,7 @@ impl DeleteOptions {
         let body: Value = if rr.body.is_empty() {
             json!({})
         } else {
-            serde_json::from_slice(&rr.body)
-                .map_err(|e| ApiError::bad_request(format!("decoding DeleteOptions: {e}")))?
+            objmeta::decode_body(&rr.headers, &rr.body)?
         };
         let mut propagation = body["propagationPolicy"]
             .as_str()

@@ -30,6 +30,7 @@ pub mod openapi;
 pub mod patch;
 pub mod patching;
 pub mod pki;
+pub mod protobuf;
 pub mod rbac;
 pub mod resources;
 pub mod schema;
