@@ -21,7 +21,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::crud::{self, CRD_CLEANUP_FINALIZER, DeleteOptions};
+use super::crud::{self, CRD_CLEANUP_FINALIZER};
+use super::delete::{self, DeleteOptions};
 use super::error::ApiError;
 use super::http::ApiState;
 use super::objmeta;
@@ -66,7 +67,7 @@ async fn delete_key(
     key: String,
 ) -> Result<(), ApiError> {
     crud::mutate(state, key, false, move |cur| match cur {
-        Some(old) => crud::delete_decision(&info, old, &DeleteOptions::default()),
+        Some(old) => delete::delete_decision(&info, old, &DeleteOptions::default()),
         None => Ok(Mutation::Unchanged),
     })
     .await

@@ -22,6 +22,7 @@ pub mod admission;
 pub mod bootstrap;
 pub mod controllers;
 pub mod crud;
+pub mod delete;
 pub mod discovery;
 pub mod error;
 pub mod http;
