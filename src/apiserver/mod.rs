@@ -42,4 +42,4 @@ pub mod table;
 pub mod watch;
 
 pub use error::ApiError;
-pub use server::{ApiServerConfig, ApiServerError, ApiServerHandle, start};
+pub use server::{ApiServerConfig, ApiServerError, ApiServerHandle, serve, start};
