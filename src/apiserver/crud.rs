@@ -20,7 +20,7 @@ use super::objmeta::{self, meta_str, present, subject};
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{self, EventType, Mutation, Outcome};
-use super::{admission, patching};
+use super::{admission, convert, patching};
 
 /// The finalizer the real server puts on CRDs so their objects are removed
 /// before the CRD goes.
@@ -28,7 +28,7 @@ pub const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s
 
 /// The storage key of the request's object.
 pub fn object_key(rr: &ResourceRequest, name: &str) -> String {
-    store::key(&rr.info.group, &rr.info.plural, &rr.namespace, name)
+    rr.info.key(&rr.namespace, name)
 }
 
 /// The object name of a request on a single object.
@@ -102,12 +102,50 @@ struct ContinueToken {
     start: String,
 }
 
+/// The field selectors a resource supports beyond `metadata.name` and
+/// `metadata.namespace` (those `kubectl describe` and event tooling use).
+fn extra_fields(info: &ResourceInfo) -> &'static [&'static str] {
+    match (info.group.as_str(), info.plural.as_str()) {
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        ("events.k8s.io", "events") => &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "regarding.apiVersion",
+            "regarding.resourceVersion",
+            "regarding.fieldPath",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+        ("", "secrets") => &["type"],
+        ("", "namespaces") => &["status.phase"],
+        _ => &[],
+    }
+}
+
 /// Parsed `labelSelector` and `fieldSelector`.
 pub fn selectors(rr: &ResourceRequest) -> Result<(LabelSelector, FieldSelector), ApiError> {
     let labels = LabelSelector::parse(rr.param("labelSelector").unwrap_or(""))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let fields = FieldSelector::parse(rr.param("fieldSelector").unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse_with(
+        rr.param("fieldSelector").unwrap_or(""),
+        extra_fields(&rr.info),
+    )
+    .map_err(ApiError::bad_request)?;
     Ok((labels, fields))
 }
 
@@ -133,7 +171,7 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
         }
         None => None,
     };
-    let prefix = store::prefix(&rr.info.group, &rr.info.plural, &rr.namespace);
+    let prefix = rr.info.prefix(&rr.namespace);
     let (all, snapshot_rv) = state
         .store
         .list(&prefix, token.as_ref().map(|t| t.start.as_str()));
@@ -141,8 +179,9 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
     let mut items = Vec::new();
     let mut more = false;
     let mut remaining = 0usize;
-    for (key, obj) in &all {
-        if !(labels.matches(obj) && fields.matches(obj)) {
+    for (key, stored) in &all {
+        let obj = present(&rr.info, stored);
+        if !(labels.matches(&obj) && fields.matches(&obj)) {
             continue;
         }
         if limit > 0 && items.len() == limit {
@@ -150,7 +189,7 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
             remaining += 1;
             continue;
         }
-        items.push((key.clone(), present(&rr.info, obj)));
+        items.push((key.clone(), obj));
     }
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if more && let Some((last, _)) = items.last() {
@@ -329,6 +368,7 @@ pub async fn create(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     namespace_gate(state, &info, &rr.namespace, &name)?;
     let warnings = admission::admit(&info, &rr, &mut obj, None)?;
     patching::track(&info, &rr, None, &mut obj);
+    let obj = convert::to_storage(&info, obj);
     let key = object_key(&rr, &name);
     let subj = subject(&info, &name);
     let out = mutate(state, key, rr.dry_run(), move |cur| match cur {
@@ -529,8 +569,10 @@ pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     let out = mutate(state, key, rr.dry_run(), move |cur| {
         let old = cur.ok_or_else(|| ApiError::not_found(&subject(&rr2.info, &name)))?;
         let mut w = Vec::new();
-        let mut new = apply_update(&rr2.info, &rr2, old, obj, &mut w)?;
-        patching::track(&rr2.info, &rr2, Some(old), &mut new);
+        let old_view = present(&rr2.info, old);
+        let mut new = apply_update(&rr2.info, &rr2, &old_view, obj, &mut w)?;
+        patching::track(&rr2.info, &rr2, Some(&old_view), &mut new);
+        let new = convert::to_storage(&rr2.info, new);
         if let Ok(mut g) = w2.lock() {
             g.extend(w);
         }

@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::http::{ApiState, ResourceRequest, json_response};
 use super::objmeta::{self, meta_str, present, subject};
 use super::resources::ResourceInfo;
-use super::store::{self, Mutation};
+use super::store::Mutation;
 
 /// Delete options from the body and query.
 #[derive(Default, Clone)]
@@ -152,11 +152,12 @@ pub async fn delete_collection(
 ) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(&rr)?;
     let opts = DeleteOptions::from_request(&rr)?;
-    let prefix = store::prefix(&rr.info.group, &rr.info.plural, &rr.namespace);
+    let prefix = rr.info.prefix(&rr.namespace);
     let (all, _) = state.store.list(&prefix, None);
     let mut deleted = Vec::new();
     for (key, obj) in all {
-        if !(labels.matches(&obj) && fields.matches(&obj)) {
+        let view = present(&rr.info, &obj);
+        if !(labels.matches(&view) && fields.matches(&view)) {
             continue;
         }
         let info = rr.info.clone();

@@ -21,6 +21,7 @@
 pub mod admission;
 pub mod bootstrap;
 pub mod controllers;
+pub mod convert;
 pub mod crud;
 pub mod delete;
 pub mod discovery;

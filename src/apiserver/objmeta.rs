@@ -74,7 +74,7 @@ pub fn name_error(info: &ResourceInfo, name: &str) -> Option<Cause> {
 /// The object as served at `info`'s version (custom resources are stored
 /// once and served at every version with the `None` conversion strategy).
 pub fn present(info: &ResourceInfo, obj: &Value) -> Value {
-    let mut out = obj.clone();
+    let mut out = super::convert::from_storage(info, obj);
     if let Some(o) = out.as_object_mut() {
         o.insert("apiVersion".into(), json!(info.api_version()));
         o.insert("kind".into(), json!(info.kind));
