@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod api;
 pub mod apiserver;
+pub mod bridge;
 pub mod cli;
 pub mod controller;
 pub mod core;

@@ -5,7 +5,9 @@ mod guest_support;
 
 use std::time::Duration;
 
-use ferry::agent::guest::{DirtyRate, GuestConfig, VerifyReport, qemu_exit_status};
+use ferry::agent::guest::{
+    DirtyRate, FATAL_EXIT_CODE, FAULT_EXIT_CODE, GuestConfig, VerifyReport, qemu_exit_status,
+};
 use guest_support::Rig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,5 +148,52 @@ async fn guest_dirties_at_the_set_rate_and_stays_verifiable() {
     assert!(
         console.set_rate(2_000_000).await.is_err(),
         "rates above the guest's limit are refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_exception_is_reported_and_ends_qemu() {
+    let rig = Rig::new();
+    let mut qemu = rig.spawn(
+        "vm",
+        &GuestConfig {
+            fill_mib: Some(8),
+            rate: DirtyRate::Idle,
+        },
+        &[],
+    );
+    let mut console = qemu.console().await;
+    let crash = console.fault().await.unwrap();
+    assert!(
+        crash.to_string().contains("FAULT vector=6"),
+        "invalid opcode reported: {crash}"
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(30), qemu.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(qemu_exit_status(FAULT_EXIT_CODE)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_larger_than_ram_stops_the_guest_with_a_fatal_exit() {
+    let rig = Rig::new();
+    let mut qemu = rig.spawn(
+        "vm",
+        &GuestConfig {
+            fill_mib: Some(512),
+            rate: DirtyRate::Idle,
+        },
+        &[],
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(60), qemu.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        exit.code(),
+        Some(qemu_exit_status(FATAL_EXIT_CODE)),
+        "log: {}",
+        qemu.log_text()
     );
 }

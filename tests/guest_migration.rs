@@ -86,7 +86,11 @@ async fn guest_memory_survives_a_live_migration_while_dirtying() {
         rate: DirtyRate::MibPerSec(64),
     };
     let source = rig.spawn("src", &config, &[]);
-    let target = rig.spawn("dst", &config, &["-incoming", "defer"]);
+    // The target host installs the kernel in its own directory: the content
+    // and -append must match, the path need not.
+    let dst_kernel = ferry::agent::guest::install_kernel(&rig.path("dst-host")).unwrap();
+    assert_ne!(dst_kernel, rig.kernel);
+    let target = rig.spawn_with_kernel("dst", &dst_kernel, &config, &["-incoming", "defer"]);
 
     let mut src_console = source.console().await;
     tokio::time::sleep(Duration::from_millis(500)).await;

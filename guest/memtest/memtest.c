@@ -272,9 +272,10 @@ static int parse_u32(const char *s, u32 *out)
     if (!*s)
         return 0;
     for (; *s; s++) {
-        if (*s < '0' || *s > '9' || v > 429496728u)
-            return 0;
-        v = v * 10 + (u32)(*s - '0');
+        u32 d = (u32)(*s - '0');
+        if (*s < '0' || *s > '9' || v > 429496729u || (v == 429496729u && d > 5))
+            return 0;            /* not a digit, or above 2^32 - 1 */
+        v = v * 10 + d;
     }
     *out = v;
     return 1;
@@ -318,6 +319,7 @@ static void cmd_status(void)
     kv("dirty_kib_s", st.dirty_kib_s);
     kv("ticks", ticks);
     kv("fill_ms", st.fill_ms);
+    kv("version", PROTOCOL_VERSION);
     puts("\r\n");
 }
 
@@ -396,6 +398,8 @@ static void execute(const char *line)
         kv("code", n);
         puts("\r\n");
         qemu_exit(n);
+    } else if ((arg = word(line, "fault")) && !*arg) {
+        __asm__ volatile("ud2");  /* proves the exception path: FAULT vector=6 */
     } else {
         puts("ERR unknown command\r\n");
     }

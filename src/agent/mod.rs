@@ -1,5 +1,6 @@
 //! The node agent.
 
+pub mod daemon;
 pub mod guest;
 pub mod migrate;
 pub mod pki;

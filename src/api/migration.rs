@@ -221,6 +221,10 @@ pub struct AgentReport {
     /// When the state was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
+    /// Source, while transferring: when remaining memory last reached a new
+    /// low (the progress timeout counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress: Option<Time>,
 }
 
 /// The states an agent reports for its half of a migration.
@@ -229,22 +233,25 @@ pub enum AgentState {
     /// Target: starting the receiving QEMU.
     Preparing,
     /// Target: the receiving QEMU waits for the stream; the relay accepts
-    /// the source host for this migration.
+    /// the source host, for this migration only.
     Ready,
-    /// Source: memory is being sent.
-    Transferring,
-    /// Source: switched to post-copy; the guest runs on the target.
-    PostCopy,
-    /// Source: QEMU completed the transfer; the source guest is paused.
-    Completed,
     /// Target: the guest runs here.
     Running,
+    /// Source: memory is being sent.
+    Transferring,
+    /// Source: switched to post-copy; the guest runs on the target and
+    /// pulls its remaining pages from the source.
+    PostCopyActive,
+    /// Source: the transfer completed and the target runs the guest; the
+    /// source guest is paused for good.
+    SwitchedOver,
+    /// Source: the transfer was aborted on request; the guest runs on the
+    /// source.
+    Aborted,
     /// This half failed; `reason` says why. Before switchover the guest
     /// keeps running on the source.
     Failed,
-    /// Source: the transfer was cancelled; the guest runs on the source.
-    Cancelled,
-    /// This half's resources are released.
+    /// Target: the receiving QEMU is gone after a failure or cancel.
     CleanedUp,
 }
 

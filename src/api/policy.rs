@@ -2,10 +2,12 @@
 //!
 //! Every setting has a default (listed with its source) so that an empty
 //! policy is a complete, sensible one. Which policy applies to a VM: the
-//! Migration's `spec.policy` if named; else the most specific policy whose
-//! `selector` and `namespaceSelector` both match the VM (the one with the
-//! most selector terms; ties go to the name that sorts first); else a policy
-//! named `default`; else the built-in defaults.
+//! Migration's `spec.policy` if named; else, among the policies whose
+//! `selector` and `namespaceSelector` both match the VM, the one with the
+//! most selector terms (a policy with no selectors matches every VM with no
+//! terms, so it is the cluster-wide fallback); ties go to more VM-selector
+//! terms, then to the name that sorts first; else the built-in defaults.
+//! The rule and its tests live in `core::policy::select`.
 
 // Each `printcolumn(...)` of the kube derive repeats `type_ = ...`; clippy
 // reads the repetition as a duplicated attribute.
@@ -369,7 +371,8 @@ pub struct Resilience {
     #[serde(default)]
     pub policy: ResiliencePolicy,
     /// An agent that cannot renew its host's Lease for this long stops its
-    /// own VMs (self-fencing). Default 30s.
+    /// own VMs (self-fencing). Default 40s, the grace kube-controller-manager
+    /// gives a node (`node-monitor-grace-period`).
     #[serde(default = "default_fence_after")]
     pub fence_after: Duration,
     /// The controller declares a host whose Lease is this old Fenced and
@@ -389,7 +392,7 @@ impl Default for Resilience {
 }
 
 fn default_fence_after() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(40)
 }
 
 fn default_evacuate_after() -> Duration {

@@ -1,6 +1,10 @@
-//! `ferry`: the Ferry command line (the user commands of `kubectl ferry`, plus `crds`).
+//! `ferry`: the Ferry command line (the user commands of `kubectl ferry`,
+//! plus the programs and `crds`).
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ferry::cli::daemons::{self, AgentCommand, ApiServerArgs};
 use ferry::cli::{GlobalArgs, UserCommand};
 
 /// Ferry: declarative live migration of QEMU virtual machines between hosts.
@@ -21,19 +25,30 @@ enum Command {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Serve the embedded Kubernetes API server.
+    Apiserver(ApiServerArgs),
+    /// The node agent of one host.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     #[command(flatten)]
     User(UserCommand),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds { dir: None } => {
-            ferry::cli::crds::print().map(|()| std::process::ExitCode::SUCCESS)
-        }
+        Command::Crds { dir: None } => ferry::cli::crds::print().map(|()| ExitCode::SUCCESS),
         Command::Crds { dir: Some(dir) } => {
-            ferry::cli::crds::write_dir(&dir).map(|()| std::process::ExitCode::SUCCESS)
+            ferry::cli::crds::write_dir(&dir).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Apiserver(args) => {
+            daemons::init_tracing();
+            daemons::apiserver(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Agent(command) => {
+            daemons::init_tracing();
+            daemons::agent(command).await.map(|()| ExitCode::SUCCESS)
         }
         Command::User(command) => ferry::cli::run_user_command(&cli.global, command).await,
     }

@@ -7,7 +7,12 @@ use super::GlobalArgs;
 
 /// A client for the cluster the kubeconfig names.
 pub async fn connect(global: &GlobalArgs) -> anyhow::Result<kube::Client> {
-    let config = match &global.kubeconfig {
+    connect_path(global.kubeconfig.as_deref()).await
+}
+
+/// A client from a kubeconfig file, or the usual places when `None`.
+pub async fn connect_path(path: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match path {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod crds;
+pub mod daemons;
 pub mod drain;
 pub mod migrate;
 pub mod output;

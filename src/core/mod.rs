@@ -14,6 +14,10 @@
 //! - [`convergence`]: what to do next with a live migration's progress.
 //! - [`drain`]: host maintenance plans, retries and quarantine.
 
+pub mod admission;
+pub mod convergence;
+pub mod drain;
+pub mod migration;
 pub mod policy;
 pub mod scheduler;
 pub mod time;

@@ -38,6 +38,17 @@ impl Rig {
     /// Starts `qemu-system-x86_64` for the guest named `name`, with a QMP
     /// socket at `<name>-qmp.sock` and COM1 at `<name>-ser.sock`.
     pub fn spawn(&self, name: &str, config: &GuestConfig, extra: &[&str]) -> Qemu {
+        self.spawn_with_kernel(name, &self.kernel, config, extra)
+    }
+
+    /// Like [`Rig::spawn`] with the kernel at another path.
+    pub fn spawn_with_kernel(
+        &self,
+        name: &str,
+        kernel: &Path,
+        config: &GuestConfig,
+        extra: &[&str],
+    ) -> Qemu {
         let serial = self.path(&format!("{name}-ser.sock"));
         let qmp = self.path(&format!("{name}-qmp.sock"));
         let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
@@ -45,7 +56,7 @@ impl Rig {
             .args(["-accel", "tcg", "-m", "128", "-nographic", "-nodefaults"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(guest::qemu_args(&self.kernel, config, &serial))
+            .args(guest::qemu_args(kernel, config, &serial))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

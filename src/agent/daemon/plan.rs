@@ -64,7 +64,11 @@ pub enum VmAction {
 }
 
 /// The actions that bring this host to what the API wants. Stops come first.
-pub fn plan(desired: &[DesiredVm], running: &BTreeSet<String>, reserved: &BTreeSet<String>) -> Vec<VmAction> {
+pub fn plan(
+    desired: &[DesiredVm],
+    running: &BTreeSet<String>,
+    reserved: &BTreeSet<String>,
+) -> Vec<VmAction> {
     let wanted: BTreeMap<&str, bool> = desired.iter().map(|d| (d.name.as_str(), d.run)).collect();
     let mut actions = Vec::new();
     for name in running.difference(reserved) {
@@ -82,7 +86,9 @@ pub fn plan(desired: &[DesiredVm], running: &BTreeSet<String>, reserved: &BTreeS
     }
     for d in desired {
         if d.run && !running.contains(&d.name) && !reserved.contains(&d.name) {
-            actions.push(VmAction::Start { name: d.name.clone() });
+            actions.push(VmAction::Start {
+                name: d.name.clone(),
+            });
         }
     }
     actions
@@ -96,9 +102,9 @@ pub fn local_name(namespace: &str, name: &str) -> String {
         return full;
     }
     // FNV-1a: stable across builds and platforms.
-    let hash = full
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let mut prefix: String = full.chars().take(46).collect();
     while prefix.ends_with('.') || prefix.ends_with('-') {
         prefix.pop();
@@ -116,12 +122,18 @@ mod tests {
     }
 
     fn want(name: &str, run: bool) -> DesiredVm {
-        DesiredVm { name: name.into(), run }
+        DesiredVm {
+            name: name.into(),
+            run,
+        }
     }
 
     #[test]
     fn a_vm_placed_here_and_not_running_is_started() {
-        assert_eq!(plan(&[want("a", true)], &set(&[]), &set(&[])), vec![VmAction::Start { name: "a".into() }]);
+        assert_eq!(
+            plan(&[want("a", true)], &set(&[]), &set(&[])),
+            vec![VmAction::Start { name: "a".into() }]
+        );
     }
 
     #[test]
@@ -130,7 +142,10 @@ mod tests {
         assert_eq!(
             actions,
             vec![
-                VmAction::Stop { name: "a".into(), reason: StopReason::NotOnThisHost },
+                VmAction::Stop {
+                    name: "a".into(),
+                    reason: StopReason::NotOnThisHost
+                },
                 VmAction::Start { name: "b".into() }
             ]
         );
@@ -140,7 +155,10 @@ mod tests {
     fn a_stopped_run_strategy_stops_the_vm() {
         assert_eq!(
             plan(&[want("a", false)], &set(&["a"]), &set(&[])),
-            vec![VmAction::Stop { name: "a".into(), reason: StopReason::RunStrategyStopped }]
+            vec![VmAction::Stop {
+                name: "a".into(),
+                reason: StopReason::RunStrategyStopped
+            }]
         );
     }
 

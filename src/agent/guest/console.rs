@@ -17,7 +17,9 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{Instant, sleep, timeout_at};
 
-use super::protocol::{self, DirtyRate, GuestStatus, MAX_LINE, ParseError, VerifyReport};
+use super::protocol::{
+    self, DirtyRate, GuestStatus, MAX_LINE, PROTOCOL_VERSION, ParseError, VerifyReport,
+};
 
 /// How long an ordinary command may take to be answered.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +81,12 @@ pub enum GuestError {
         /// What was wrong with it.
         source: ParseError,
     },
+    /// The guest speaks another protocol version than this client.
+    #[error("the guest speaks protocol version {found}, this client {PROTOCOL_VERSION}")]
+    Version {
+        /// The guest's version.
+        found: u32,
+    },
     /// A command that cannot be sent (e.g. an exit code above 127).
     #[error("invalid guest command: {0}")]
     InvalidCommand(String),
@@ -96,6 +104,7 @@ impl GuestError {
             GuestError::Rejected { .. } => "GuestRejected",
             GuestError::Crashed { .. } => "GuestCrashed",
             GuestError::Malformed { .. } => "GuestMalformedReply",
+            GuestError::Version { .. } => "GuestProtocolVersion",
             GuestError::InvalidCommand(_) => "GuestInvalidCommand",
         }
     }
@@ -117,6 +126,8 @@ pub struct GuestConsole {
     writer: OwnedWriteHalf,
     /// Bytes of a line not yet terminated; kept across cancelled reads.
     partial: Vec<u8>,
+    /// Skipping the rest of an over-long line.
+    discarding: bool,
     timeout: Duration,
     verify_timeout: Duration,
     nonce: u64,
@@ -153,6 +164,7 @@ impl GuestConsole {
             reader: BufReader::new(reader),
             writer,
             partial: Vec::new(),
+            discarding: false,
             timeout: DEFAULT_TIMEOUT,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
             nonce: 0,
@@ -191,7 +203,13 @@ impl GuestConsole {
         }
         // Earlier pings are still queued in the guest; skip their answers.
         self.out_of_step = true;
-        self.status().await
+        let status = self.status().await?;
+        if status.version != PROTOCOL_VERSION {
+            return Err(GuestError::Version {
+                found: status.version,
+            });
+        }
+        Ok(status)
     }
 
     /// Reads until any `PONG ready-*` or `READY` line.
@@ -246,9 +264,26 @@ impl GuestConsole {
                 "exit code {code} is above 127"
             )));
         }
-        self.request(&format!("exit {code}"), "EXIT", self.timeout)
+        match self
+            .request(&format!("exit {code}"), "EXIT", self.timeout)
             .await
-            .map(|_| ())
+        {
+            // QEMU may exit before its last line reaches us: that is success.
+            Ok(_) | Err(GuestError::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the guest take a CPU exception (`ud2`), which it reports before
+    /// QEMU exits with status 253: proves faults are reported. Returns the
+    /// guest's `FAULT` line as [`GuestError::Crashed`]; anything else is
+    /// an error too.
+    pub async fn fault(&mut self) -> Result<GuestError, GuestError> {
+        match self.request("fault", "FAULT", self.timeout).await {
+            Err(crash @ GuestError::Crashed { .. }) => Ok(crash),
+            Err(e) => Err(e),
+            Ok((line, _)) => Ok(GuestError::Crashed { line }),
+        }
     }
 
     /// Round-trips a `ping`; useful to check the guest is alive.
@@ -267,16 +302,20 @@ impl GuestConsole {
         tag: &str,
         timeout: Duration,
     ) -> Result<(String, String), GuestError> {
-        let deadline = Instant::now() + timeout;
         let timed_out = || GuestError::Timeout {
             command: command.to_owned(),
             timeout,
         };
         if self.out_of_step {
-            timeout_at(deadline, self.resync())
+            let resync_deadline = Instant::now() + self.timeout;
+            timeout_at(resync_deadline, self.resync())
                 .await
-                .map_err(|_| timed_out())??;
+                .map_err(|_| GuestError::Timeout {
+                    command: "ping (resynchronise)".to_owned(),
+                    timeout: self.timeout,
+                })??;
         }
+        let deadline = Instant::now() + timeout;
         let expect_nonce = (tag == "PONG").then(|| command.trim_start_matches("ping ").to_owned());
         self.send(command).await?;
         let result = timeout_at(deadline, async {
@@ -300,6 +339,10 @@ impl GuestConsole {
         })
         .await;
         match result {
+            Ok(Err(e @ (GuestError::LineTooLong | GuestError::Io(_)))) => {
+                self.out_of_step = true;
+                Err(e)
+            }
             Ok(reply) => reply,
             Err(_) => {
                 self.out_of_step = true;
@@ -345,8 +388,15 @@ impl GuestConsole {
                 Some(i) => (i + 1, true),
                 None => (buf.len(), false),
             };
+            if self.discarding {
+                self.reader.consume(take);
+                self.discarding = !complete;
+                continue;
+            }
             if self.partial.len() + take > MAX_LINE + 1 {
                 self.partial.clear();
+                self.reader.consume(take);
+                self.discarding = !complete;
                 return Err(GuestError::LineTooLong);
             }
             self.partial.extend_from_slice(&buf[..take]);
@@ -370,4 +420,104 @@ fn crashed(line: &str) -> Result<(), GuestError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::guest::VerifyReport;
+
+    /// A scripted stand-in for the guest on the other end of a socket pair:
+    /// answers each command line in order, after an optional delay.
+    fn fake_guest(
+        answer: impl Fn(&str, usize) -> (Duration, String) + Send + 'static,
+    ) -> GuestConsole {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let (reader, mut writer) = theirs.into_split();
+            let mut lines = BufReader::new(reader).lines();
+            let mut count = 0;
+            while let Ok(Some(line)) = lines.next_line().await {
+                count += 1;
+                let (delay, reply) = answer(&line, count);
+                sleep(delay).await;
+                if writer.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        GuestConsole::from_stream(ours)
+            .with_timeouts(Duration::from_secs(5), Duration::from_millis(200))
+    }
+
+    const STATUS: &str = "STATUS pages=2 gen=1 writes=0 rate=0 dirty_kib_s=0 ticks=5 fill_ms=1";
+
+    #[tokio::test]
+    async fn ready_skips_boot_noise_and_stale_pongs() {
+        let mut console = fake_guest(|line, _| match line.split_once(' ') {
+            Some(("ping", token)) => (
+                Duration::ZERO,
+                format!("\x1b[2J SeaBIOS noise\r\n\r\nPONG {token}\r\n"),
+            ),
+            _ if line == "status" => (Duration::ZERO, format!("{STATUS} version=1\r\n")),
+            _ => (Duration::ZERO, "ERR unknown command\r\n".to_owned()),
+        });
+        let status = console.wait_ready(Duration::from_secs(5)).await.unwrap();
+        assert_eq!((status.pages, status.version), (2, PROTOCOL_VERSION));
+        console.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_after_a_timeout_is_not_taken_for_the_next() {
+        let mut console = fake_guest(|line, n| match line.split_once(' ') {
+            Some(("ping", token)) => (Duration::ZERO, format!("PONG {token}\r\n")),
+            // The first verify answers after the client gave up, and badly.
+            _ if n == 1 => (
+                Duration::from_millis(400),
+                "VERIFY BAD first=1 count=1 pages=2 table=ok\r\n".to_owned(),
+            ),
+            _ => (Duration::ZERO, "VERIFY OK pages=2 writes=0\r\n".to_owned()),
+        });
+        let first = console.verify().await.unwrap_err();
+        assert!(matches!(first, GuestError::Timeout { .. }), "{first}");
+        assert!(first.is_retryable());
+        let second = console.verify().await.unwrap();
+        assert_eq!(
+            second,
+            VerifyReport::Intact {
+                pages: 2,
+                writes: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_faults_and_oversized_lines_are_typed() {
+        let mut console = fake_guest(|line, _| match line {
+            _ if line.starts_with("ping ") => (Duration::ZERO, format!("PONG {}\r\n", &line[5..])),
+            "rate 5" => (Duration::ZERO, "ERR rate wants MiB/s\r\n".to_owned()),
+            "status" => (Duration::ZERO, format!("{}\n", "x".repeat(MAX_LINE + 10))),
+            "verify" => (
+                Duration::ZERO,
+                "FAULT vector=13 error=0 eip=0x00100000\r\n".to_owned(),
+            ),
+            _ => (Duration::ZERO, "CORRUPT OK page=x\r\n".to_owned()),
+        });
+        let rejected = console.set_rate(5).await.unwrap_err();
+        assert_eq!(rejected.reason(), "GuestRejected");
+        assert!(
+            rejected.to_string().contains("rate wants MiB/s"),
+            "{rejected}"
+        );
+        assert!(matches!(
+            console.status().await,
+            Err(GuestError::LineTooLong)
+        ));
+        assert!(matches!(
+            console.verify().await,
+            Err(GuestError::Crashed { .. })
+        ));
+        let malformed = console.corrupt(None).await.unwrap_err();
+        assert_eq!(malformed.reason(), "GuestMalformedReply", "{malformed}");
+    }
 }

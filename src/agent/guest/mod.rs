@@ -6,8 +6,10 @@
 //! and embedded in every Ferry binary as [`MEMTEST_KERNEL`].
 //! [`install_kernel`] writes it under a content-addressed name, and
 //! [`qemu_args`] gives the QEMU arguments that boot it with `-kernel`. Source
-//! and target of a migration must use identical `-kernel` and `-append`: the
-//! multiboot option ROM is a RAM block and the block lists must match.
+//! and target of a migration must both boot it with `-kernel` (the multiboot
+//! option ROM is a RAM block and the block lists must match) and the same
+//! `-append`; the kernel's path may differ (the migration test installs it
+//! in two directories), its content is the same in every Ferry binary.
 //!
 //! # What the guest does
 //!
@@ -53,13 +55,14 @@
 //!  guest, at boot:  FERRY-MEMTEST version=1 mem_kib=K pages=N table=0x.. data=0x..
 //!                   READY pages=N fill_ms=F rate=R
 //!  ping [token]     PONG [token]
-//!  status           STATUS pages=N gen=G writes=W rate=R dirty_kib_s=K ticks=T fill_ms=F
+//!  status           STATUS pages=N gen=G writes=W rate=R dirty_kib_s=K ticks=T fill_ms=F version=1
 //!  rate N|max       RATE OK rate=R                      (N in MiB/s, 0 = idle)
 //!  verify           VERIFY OK pages=N writes=W
 //!                   VERIFY BAD first=P|none count=C pages=N table=ok|bad
 //!  corrupt [page]   CORRUPT OK page=P   (flips a word in page P, default N/2, without
 //!                                        updating the table; the dirtier then skips P)
 //!  exit N           EXIT code=N         then QEMU exits with status 2N+1 (N <= 127)
+//!  fault            (executes `ud2`: the FAULT line below, vector=6)
 //!  anything else    ERR <reason>        (unknown command, bad argument, line too long)
 //!  on a CPU fault   FAULT vector=V error=E eip=0x..  then QEMU exits with status 253
 //!  on a boot error  FATAL <reason>                   then QEMU exits with status 251
@@ -69,7 +72,8 @@
 //! the page rewrites since the fill, `ticks` the uptime in PIT ticks (~1 ms).
 //! Bytes sent before the guest initialised its UART are lost and the `READY`
 //! line is lost when no client is connected, so [`GuestConsole::wait_ready`]
-//! pings until answered instead of waiting for `READY`.
+//! pings until answered instead of waiting for `READY`, then checks the
+//! protocol version in `STATUS`.
 
 mod console;
 mod protocol;
@@ -79,7 +83,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use console::{DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, GuestConsole, GuestError};
-pub use protocol::{DirtyRate, GuestStatus, MAX_LINE, ParseError, VerifyReport};
+pub use protocol::{DirtyRate, GuestStatus, MAX_LINE, PROTOCOL_VERSION, ParseError, VerifyReport};
 
 /// The memtest guest kernel (32-bit multiboot ELF), built from `guest/memtest/`.
 pub const MEMTEST_KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
@@ -89,6 +93,14 @@ pub const SERIAL_CHARDEV_ID: &str = "ser0";
 
 /// I/O port of the `isa-debug-exit` device; the guest writes its exit code there.
 pub const DEBUG_EXIT_IOBASE: u16 = 0xf4;
+
+/// The code the guest exits with after a CPU exception (`FAULT`); QEMU's
+/// status is then 253.
+pub const FAULT_EXIT_CODE: u8 = 126;
+
+/// The code the guest exits with when it cannot start (`FATAL`, e.g. `fill=`
+/// larger than RAM); QEMU's status is then 251.
+pub const FATAL_EXIT_CODE: u8 = 125;
 
 /// QEMU's exit status when the guest wrote `code` to `isa-debug-exit`.
 pub fn qemu_exit_status(code: u8) -> i32 {
@@ -169,7 +181,8 @@ fn qemu_escape(value: &str) -> String {
 
 /// The QEMU arguments that boot the guest from `kernel` (see
 /// [`install_kernel`]) with its COM1 on a unix socket at `serial_socket`
-/// (QEMU listens there; connect with [`GuestConsole`]) and `isa-debug-exit`.
+/// (QEMU listens there; connect with [`GuestConsole`]), `isa-debug-exit`
+/// and `-no-reboot`.
 /// Memory, accelerator, QMP and migration options are the caller's.
 pub fn qemu_args(kernel: &Path, config: &GuestConfig, serial_socket: &Path) -> Vec<String> {
     vec![
@@ -186,6 +199,9 @@ pub fn qemu_args(kernel: &Path, config: &GuestConfig, serial_socket: &Path) -> V
         format!("chardev:{SERIAL_CHARDEV_ID}"),
         "-device".to_owned(),
         format!("isa-debug-exit,iobase={DEBUG_EXIT_IOBASE:#x},iosize=0x04"),
+        // A triple fault must end the run, not reboot into a fresh fill that
+        // would verify as intact.
+        "-no-reboot".to_owned(),
     ]
 }
 
@@ -254,6 +270,7 @@ mod tests {
                 "chardev:ser0",
                 "-device",
                 "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-no-reboot",
             ]
         );
         assert_eq!(GuestConfig::default().append(), "rate=0");

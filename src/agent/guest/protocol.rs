@@ -6,6 +6,10 @@ use std::fmt;
 /// Longest line either side sends; the guest itself accepts 80 characters.
 pub const MAX_LINE: usize = 256;
 
+/// The protocol version this client speaks; the guest reports its own in
+/// its banner and in every `STATUS` reply.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// How fast the guest rewrites its pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirtyRate {
@@ -68,6 +72,8 @@ pub struct GuestStatus {
     pub ticks: u64,
     /// How long the initial fill took, in ticks.
     pub fill_ms: u64,
+    /// The guest's protocol version.
+    pub version: u32,
 }
 
 /// The guest's answer to `verify`.
@@ -163,6 +169,7 @@ pub fn parse_status(fields: &str) -> Result<GuestStatus, ParseError> {
         dirty_kib_per_s: f.num("dirty_kib_s")?,
         ticks: f.num("ticks")?,
         fill_ms: f.num("fill_ms")?,
+        version: f.num("version")?,
     })
 }
 
@@ -222,7 +229,7 @@ mod tests {
 
     #[test]
     fn status_line_parses_every_field() {
-        let line = "STATUS pages=25600 gen=3 writes=75008 rate=100 dirty_kib_s=102400 ticks=3547 fill_ms=120";
+        let line = "STATUS pages=25600 gen=3 writes=75008 rate=100 dirty_kib_s=102400 ticks=3547 fill_ms=120 version=1";
         let status = parse_status(tagged(line, "STATUS").unwrap()).unwrap();
         assert_eq!(
             status,
@@ -234,6 +241,7 @@ mod tests {
                 dirty_kib_per_s: 102400,
                 ticks: 3547,
                 fill_ms: 120,
+                version: 1,
             }
         );
     }

@@ -24,7 +24,216 @@ fn generator() -> SchemaGenerator {
 fn definitions<T: JsonSchema>() -> BTreeMap<String, Value> {
     let mut g = generator();
     let _ = g.subschema_for::<T>();
-    g.take_definitions(true).into_iter().collect()
+    let mut defs: BTreeMap<String, Value> = g.take_definitions(true).into_iter().collect();
+    add_patch_extensions(&mut defs);
+    defs
+}
+
+/// `(definition, property, patch strategy, merge key, list map keys)`: the
+/// `patchStrategy`/`patchMergeKey`/`listMapKey` markers of the Go types,
+/// which kubectl reads from OpenAPI to compute strategic merge patches.
+/// An empty key list means `x-kubernetes-list-type: set`.
+const PATCH_META: &[(&str, &str, &str, &str, &[&str])] = &[
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "containers",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "initContainers",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "ephemeralContainers",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "volumes",
+        "merge,retainKeys",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "imagePullSecrets",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "hostAliases",
+        "merge",
+        "ip",
+        &["ip"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "topologySpreadConstraints",
+        "merge",
+        "topologyKey",
+        &["topologyKey", "whenUnsatisfiable"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "resourceClaims",
+        "merge,retainKeys",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "schedulingGates",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "ports",
+        "merge",
+        "containerPort",
+        &["containerPort", "protocol"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "env",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeMounts",
+        "merge",
+        "mountPath",
+        &["mountPath"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeDevices",
+        "merge",
+        "devicePath",
+        &["devicePath"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "env",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeMounts",
+        "merge",
+        "mountPath",
+        &["mountPath"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeDevices",
+        "merge",
+        "devicePath",
+        &["devicePath"],
+    ),
+    (
+        "io.k8s.api.core.v1.ServiceSpec",
+        "ports",
+        "merge",
+        "port",
+        &["port", "protocol"],
+    ),
+    (
+        "io.k8s.api.core.v1.ServiceAccount",
+        "secrets",
+        "merge",
+        "name",
+        &["name"],
+    ),
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "finalizers",
+        "merge",
+        "",
+        &[],
+    ),
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "ownerReferences",
+        "merge",
+        "uid",
+        &["uid"],
+    ),
+    (
+        "io.k8s.api.apps.v1.DeploymentStatus",
+        "conditions",
+        "merge",
+        "type",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.apps.v1.DaemonSetStatus",
+        "conditions",
+        "merge",
+        "type",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.core.v1.NamespaceStatus",
+        "conditions",
+        "merge",
+        "type",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.core.v1.ServiceStatus",
+        "conditions",
+        "merge",
+        "type",
+        &["type"],
+    ),
+];
+
+fn add_patch_extensions(defs: &mut BTreeMap<String, Value>) {
+    for (def, prop, strategy, key, map_keys) in PATCH_META {
+        let Some(Value::Object(p)) = defs
+            .get_mut(*def)
+            .and_then(|d| d.get_mut("properties"))
+            .and_then(|ps| ps.get_mut(*prop))
+        else {
+            continue;
+        };
+        p.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+        if key.is_empty() {
+            p.insert("x-kubernetes-list-type".into(), json!("set"));
+        } else {
+            p.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+            p.insert("x-kubernetes-list-type".into(), json!("map"));
+            p.insert("x-kubernetes-list-map-keys".into(), json!(map_keys));
+        }
+    }
+    if let Some(Value::Object(sel)) =
+        defs.get_mut("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector")
+    {
+        sel.insert("x-kubernetes-map-type".into(), json!("atomic"));
+    }
+    if let Some(Value::Object(p)) = defs
+        .get_mut("io.k8s.api.core.v1.ServiceSpec")
+        .and_then(|d| d.get_mut("properties"))
+        .and_then(|ps| ps.get_mut("selector"))
+    {
+        p.insert("x-kubernetes-map-type".into(), json!("atomic"));
+    }
 }
 
 /// `ObjectMeta`, `ListMeta`, `Status` and their dependencies.

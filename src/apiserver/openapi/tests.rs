@@ -149,6 +149,16 @@ fn builtin_documents_carry_the_real_schema_names() {
     assert_eq!(d, &defs["io.k8s.api.apps.v1.Deployment"]);
     assert!(defs["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"].is_object());
     assert!(supports_field_validation(&doc, "apps", "v1", "Deployment"));
+    let containers = &defs["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
+    assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
+    assert_eq!(containers["x-kubernetes-patch-strategy"], "merge");
+    assert_eq!(containers["x-kubernetes-list-map-keys"], json!(["name"]));
+    let ports = &defs["io.k8s.api.core.v1.Container"]["properties"]["ports"];
+    assert_eq!(ports["x-kubernetes-patch-merge-key"], "containerPort");
+    assert_eq!(
+        defs["io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"]["x-kubernetes-map-type"],
+        "atomic"
+    );
     let core = v3_group_version(&res, "api/v1").unwrap();
     assert!(
         core["paths"]
@@ -197,4 +207,40 @@ fn v2_document_uses_definitions_and_v2_parameters() {
         patch["responses"]["200"]["schema"]["$ref"],
         "#/definitions/dev.ferry.v1alpha1.VirtualMachine"
     );
+}
+
+#[test]
+fn unknown_fields_of_builtin_kinds_are_named_by_path() {
+    let res = builtin_resources();
+    let deploy = res.iter().find(|r| r.kind == "Deployment").unwrap();
+    let d = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "labels": {"a": "b"}, "bogus": 1},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+                {"name": "web", "imagee": "nginx", "resources": {"limits": {"cpu": "1"}},
+                 "ports": [{"containerPort": 80, "protocl": "TCP"}]}]}}}});
+    assert_eq!(
+        unknown_fields(deploy, &d),
+        vec![
+            "metadata.bogus",
+            "spec.template.spec.containers[0].imagee",
+            "spec.template.spec.containers[0].ports[0].protocl",
+        ]
+    );
+    let cm = res.iter().find(|r| r.kind == "ConfigMap").unwrap();
+    assert!(
+        unknown_fields(
+            cm,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"}})
+        )
+        .is_empty()
+    );
+    let crd = res
+        .iter()
+        .find(|r| r.kind == "CustomResourceDefinition")
+        .unwrap();
+    let c = json!({"spec": {"group": "g", "versions": [{"name": "v1", "schema": {"openAPIV3Schema": {
+        "type": "object", "properties": {"a": {"type": "string", "x-kubernetes-validations": [{"rule": "true"}]}}}}}],
+        "nope": true}});
+    assert_eq!(unknown_fields(crd, &c), vec!["spec.nope"]);
 }

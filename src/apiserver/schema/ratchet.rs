@@ -80,6 +80,76 @@ pub(crate) fn unchanged(root: &Node, new: &Value, old: &Value, path: &str) -> bo
     n == o
 }
 
+/// Whether `path` lies inside an item of an `x-kubernetes-list-type: map`
+/// list (where `oldSelf` is the old item with the same keys).
+pub(crate) fn inside_map_item(root: &Node, path: &str) -> bool {
+    let Some(segs) = parse(path) else {
+        return false;
+    };
+    let mut node = Some(root);
+    for seg in segs {
+        match seg {
+            Seg::Field(f) => {
+                node = node.and_then(|s| {
+                    s.properties.get(f).or(match &s.additional {
+                        Some(Additional::Schema(a)) => Some(a.as_ref()),
+                        _ => None,
+                    })
+                });
+            }
+            Seg::Index(_) => {
+                if node.is_some_and(|n| n.list_type.as_deref() == Some("map")) {
+                    return true;
+                }
+                node = node.and_then(|n| n.items.as_deref());
+            }
+        }
+    }
+    false
+}
+
+/// The old value re-ordered to line up with the new one: the items of
+/// every map list are matched by key, and a new item without an old one
+/// is paired with itself (no transition to judge). Used so that index-wise
+/// `oldSelf` correlation sees the item with the same keys.
+pub(crate) fn align_old(node: &Node, new: &Value, old: &Value) -> Value {
+    match (new, old) {
+        (Value::Object(n), Value::Object(o)) => {
+            let mut out = o.clone();
+            for (k, nv) in n {
+                let child = node.properties.get(k).or(match &node.additional {
+                    Some(Additional::Schema(a)) => Some(a.as_ref()),
+                    _ => None,
+                });
+                if let (Some(child), Some(ov)) = (child, o.get(k)) {
+                    out.insert(k.clone(), align_old(child, nv, ov));
+                }
+            }
+            Value::Object(out)
+        }
+        (Value::Array(n), Value::Array(o)) if node.list_type.as_deref() == Some("map") => {
+            let keys = &node.list_map_keys;
+            let items = n
+                .iter()
+                .map(|ni| {
+                    match o
+                        .iter()
+                        .find(|oi| keys.iter().all(|k| oi.get(k) == ni.get(k)))
+                    {
+                        Some(oi) => match node.items.as_deref() {
+                            Some(item) => align_old(item, ni, oi),
+                            None => oi.clone(),
+                        },
+                        None => ni.clone(),
+                    }
+                })
+                .collect();
+            Value::Array(items)
+        }
+        _ => old.clone(),
+    }
+}
+
 /// The path of the parent of `path` (`spec.a[0].b` → `spec.a[0]`).
 pub(crate) fn parent(path: &str) -> &str {
     match path.rfind(['.', '[']) {

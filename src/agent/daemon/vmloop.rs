@@ -1,0 +1,213 @@
+//! The VM half of the agent's loop: start what the API places here, stop
+//! what it does not (stops first), and report each VM's state.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+
+use crate::api::vm::{NetworkStatus, QemuStatus, RunStrategy};
+use crate::api::{VirtualMachine, VmPhase};
+
+use super::Agent;
+use super::machine::{effective_mac, effective_uuid, machine_spec};
+use super::plan::{DesiredVm, VmAction, local_name, plan};
+
+/// How long a VM gets to quit before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// `(memory MiB, vCPUs)` of every live QEMU here, for the Host's status.
+pub async fn running_resources(agent: &Agent) -> Vec<(u32, u32)> {
+    agent
+        .vms
+        .list()
+        .await
+        .into_iter()
+        .filter(|(_, p)| p.is_alive())
+        .map(|(_, p)| (p.spec().memory_mib, p.spec().cpus))
+        .collect()
+}
+
+/// One pass: plan, act, report.
+pub async fn reconcile(agent: &Agent) {
+    let me = agent.config.host.as_str();
+    let placed: Vec<std::sync::Arc<VirtualMachine>> = agent
+        .vm_store
+        .state()
+        .into_iter()
+        .filter(|vm| vm.status.as_ref().and_then(|s| s.host.as_deref()) == Some(me))
+        .collect();
+    let desired: Vec<DesiredVm> = placed
+        .iter()
+        .map(|vm| DesiredVm {
+            name: local_name(&vm.namespace().unwrap_or_default(), &vm.name_any()),
+            run: vm.spec.run_strategy == RunStrategy::Running,
+        })
+        .collect();
+    let running: BTreeSet<String> = agent
+        .vms
+        .list()
+        .await
+        .into_iter()
+        .filter(|(_, p)| p.is_alive())
+        .map(|(name, _)| name)
+        .collect();
+    let reserved = agent.reserved();
+    for action in plan(&desired, &running, &reserved) {
+        match action {
+            VmAction::Stop { name, reason } => {
+                tracing::info!(vm = %name, reason = reason.as_str(), "stopping VM");
+                if let Err(e) = agent.vms.stop(&name, STOP_GRACE).await {
+                    tracing::warn!(vm = %name, error = %e, "stopping VM failed");
+                }
+            }
+            VmAction::Start { name } => {
+                let Some(vm) = placed.iter().find(|vm| {
+                    local_name(&vm.namespace().unwrap_or_default(), &vm.name_any()) == name
+                }) else {
+                    continue;
+                };
+                start(agent, vm, &name).await;
+            }
+        }
+    }
+    for vm in &placed {
+        let name = local_name(&vm.namespace().unwrap_or_default(), &vm.name_any());
+        if reserved.contains(&name) {
+            continue;
+        }
+        report(agent, vm, &name).await;
+    }
+}
+
+/// Start a VM's QEMU; a failure is remembered per generation so that a bad
+/// spec is reported once, not retried in a loop.
+async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
+    let generation = vm.metadata.generation.unwrap_or_default();
+    let key = format!("{name}@{generation}");
+    if agent
+        .start_failures
+        .lock()
+        .map(|f| f.contains_key(&key))
+        .unwrap_or(false)
+    {
+        return;
+    }
+    let result = match machine_spec(vm, &agent.config.state_dir) {
+        Ok(spec) => agent
+            .vms
+            .start(&spec, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                ("StartFailed", message)
+            }),
+        Err(e) => Err((e.reason(), e.to_string())),
+    };
+    match result {
+        Ok(()) => tracing::info!(vm = %name, "started VM"),
+        Err((reason, message)) => {
+            tracing::warn!(vm = %name, %reason, %message, "VM could not start");
+            if let Ok(mut failures) = agent.start_failures.lock() {
+                failures.insert(key, message.clone());
+            }
+            let patch = serde_json::json!({"status": {
+                "phase": VmPhase::Failed,
+                "conditions": [ready_condition(false, reason, &message)],
+            }});
+            patch_status(agent, vm, &patch).await;
+        }
+    }
+}
+
+/// Write the VM's phase, QEMU and identity when they differ from what the
+/// status says.
+async fn report(agent: &Agent, vm: &VirtualMachine, name: &str) {
+    let process = agent.vms.get(name).await.filter(|p| p.is_alive());
+    let status = vm.status.clone().unwrap_or_default();
+    let (phase, qemu) = match &process {
+        Some(p) => (VmPhase::Running, Some(i64::from(p.pid()))),
+        None if vm.spec.run_strategy == RunStrategy::Stopped => (VmPhase::Stopped, None),
+        None if status.phase == VmPhase::Failed => return,
+        None => (VmPhase::Starting, None),
+    };
+    let Ok(uuid) = effective_uuid(vm) else { return };
+    let networks: Vec<NetworkStatus> = vm
+        .spec
+        .networks
+        .iter()
+        .map(|n| NetworkStatus {
+            name: n.name.clone(),
+            mac: effective_mac(&uuid, &n.name, n.mac.as_deref()),
+            ip: n.ip.clone(),
+        })
+        .collect();
+    let same_qemu = status.qemu.as_ref().map(|q| q.pid) == qemu;
+    if status.phase == phase
+        && same_qemu
+        && status.uuid.as_deref() == Some(&uuid.to_string())
+        && status.networks == networks
+    {
+        return;
+    }
+    let qemu_status = qemu.map(|pid| QemuStatus {
+        pid,
+        start_time: Some(Time(Timestamp::now())),
+    });
+    let ready = match phase {
+        VmPhase::Running => ready_condition(
+            true,
+            "Running",
+            &format!("QEMU runs on {}", agent.config.host),
+        ),
+        VmPhase::Stopped => ready_condition(false, "Stopped", "runStrategy is Stopped"),
+        _ => ready_condition(
+            false,
+            "Starting",
+            &format!("starting on {}", agent.config.host),
+        ),
+    };
+    let patch = serde_json::json!({"status": {
+        "phase": phase,
+        "qemu": qemu_status,
+        "uuid": uuid.to_string(),
+        "networks": networks,
+        "observedGeneration": vm.metadata.generation,
+        "conditions": [ready],
+    }});
+    patch_status(agent, vm, &patch).await;
+}
+
+fn ready_condition(ready: bool, reason: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "Ready",
+        "status": if ready { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": Time(Timestamp::now()),
+    })
+}
+
+async fn patch_status(agent: &Agent, vm: &VirtualMachine, patch: &serde_json::Value) {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(agent.client.clone(), &vm.namespace().unwrap_or_default());
+    if let Err(e) = api
+        .patch_status(
+            &vm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        tracing::warn!(vm = %vm.name_any(), error = %e, "updating VM status failed");
+    }
+}

@@ -1,0 +1,215 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn q(name: &str, vm: &str, src: &str, dst: &str, origin: Origin, at: i64) -> QueuedMigration {
+    QueuedMigration {
+        name: name.into(),
+        vm: vm.into(),
+        cluster: "c1".into(),
+        source: src.into(),
+        target: dst.into(),
+        origin,
+        priority: 0,
+        queued_at: Timestamp::from_secs(at),
+    }
+}
+
+fn active(name: &str, vm: &str, src: &str, dst: &str) -> ActiveMigration {
+    ActiveMigration {
+        name: name.into(),
+        vm: vm.into(),
+        cluster: "c1".into(),
+        source: src.into(),
+        target: dst.into(),
+        origin: Origin::User,
+    }
+}
+
+const LIMITS: Limits = Limits {
+    per_cluster: 5,
+    outbound_per_host: 2,
+    inbound_per_host: 2,
+};
+
+fn reason_of(p: &AdmissionPlan, name: &str) -> Option<&'static str> {
+    p.waiting
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| w.reason.reason())
+}
+
+#[test]
+fn each_limit_holds_back_a_migration_with_its_reason() {
+    let table: Vec<(&str, Vec<ActiveMigration>, &str)> = vec![
+        (
+            "vm already moving",
+            vec![active("m0", "vm", "a", "b")],
+            "VmBusy",
+        ),
+        (
+            "cluster full",
+            (0..5)
+                .map(|i| {
+                    active(
+                        &format!("m{i}"),
+                        &format!("v{i}"),
+                        &format!("s{i}"),
+                        &format!("t{i}"),
+                    )
+                })
+                .collect(),
+            "ClusterLimit",
+        ),
+        (
+            "source sends two",
+            vec![
+                active("m0", "v0", "src", "x"),
+                active("m1", "v1", "src", "y"),
+            ],
+            "OutboundLimit",
+        ),
+        (
+            "target receives two",
+            vec![
+                active("m0", "v0", "x", "dst"),
+                active("m1", "v1", "y", "dst"),
+            ],
+            "InboundLimit",
+        ),
+    ];
+    for (name, running, want) in table {
+        let p = admit(
+            &[q("new", "vm", "src", "dst", Origin::User, 1)],
+            &running,
+            &LIMITS,
+        );
+        assert!(p.admitted.is_empty(), "{name}");
+        assert_eq!(reason_of(&p, "new"), Some(want), "{name}");
+        assert!(!p.waiting[0].reason.to_string().is_empty());
+    }
+}
+
+#[test]
+fn user_migrations_go_before_balancing_and_fifo_within_a_class() {
+    let queue = vec![
+        q("auto-old", "v1", "src", "t1", Origin::Balancing, 1),
+        q("user-late", "v2", "src", "t2", Origin::User, 5),
+        q("user-early", "v3", "src", "t3", Origin::User, 3),
+    ];
+    let p = admit(&queue, &[], &LIMITS);
+    assert_eq!(p.admitted, vec!["user-early", "user-late"]);
+    assert_eq!(reason_of(&p, "auto-old"), Some("OutboundLimit"));
+    assert_eq!(p.waiting[0].position, 1);
+}
+
+#[test]
+fn priority_orders_within_a_class_and_evacuations_come_first() {
+    let mut hi = q("hi", "v1", "src", "t1", Origin::Maintenance, 9);
+    hi.priority = 10;
+    let queue = vec![
+        q("lo", "v2", "src", "t2", Origin::Maintenance, 1),
+        hi,
+        q("evac", "v3", "dead", "t3", Origin::Evacuation, 20),
+    ];
+    let limits = Limits {
+        per_cluster: 2,
+        ..LIMITS
+    };
+    let p = admit(&queue, &[], &limits);
+    assert_eq!(p.admitted, vec!["evac", "hi"]);
+    assert_eq!(reason_of(&p, "lo"), Some("ClusterLimit"));
+}
+
+#[test]
+fn a_blocked_migration_does_not_hold_back_one_that_needs_free_hosts() {
+    let running = vec![
+        active("m0", "v0", "x", "busy"),
+        active("m1", "v1", "y", "busy"),
+    ];
+    let queue = vec![
+        q("first", "v2", "src", "busy", Origin::User, 1),
+        q("second", "v3", "src", "free", Origin::User, 2),
+    ];
+    let p = admit(&queue, &running, &LIMITS);
+    assert_eq!(p.admitted, vec!["second"]);
+    assert_eq!(reason_of(&p, "first"), Some("InboundLimit"));
+}
+
+#[test]
+fn two_queued_migrations_of_one_vm_start_one_at_a_time() {
+    let queue = vec![
+        q("a", "vm", "src", "t1", Origin::User, 1),
+        q("b", "vm", "src", "t2", Origin::User, 2),
+    ];
+    let p = admit(&queue, &[], &LIMITS);
+    assert_eq!(p.admitted, vec!["a"]);
+    assert_eq!(
+        p.waiting[0].reason,
+        WaitReason::VmBusy { other: "a".into() }
+    );
+}
+
+#[test]
+fn evacuations_do_not_use_the_dead_sources_outbound_slots() {
+    let queue: Vec<QueuedMigration> = (0..4)
+        .map(|i| {
+            q(
+                &format!("e{i}"),
+                &format!("v{i}"),
+                "dead",
+                &format!("t{i}"),
+                Origin::Evacuation,
+                i,
+            )
+        })
+        .collect();
+    assert_eq!(admit(&queue, &[], &LIMITS).admitted.len(), 4);
+}
+
+proptest! {
+    #[test]
+    fn admission_never_exceeds_a_limit_and_keeps_fifo_among_equals(
+        queued in prop::collection::vec((0u8..6, 0u8..4, 0u8..4, 0u8..3, 0i64..50), 0..30),
+        running in prop::collection::vec((0u8..6, 0u8..4, 0u8..4), 0..6),
+        per_cluster in 1u32..8, outbound in 1u32..4, inbound in 1u32..4,
+    ) {
+        let limits = Limits { per_cluster, outbound_per_host: outbound, inbound_per_host: inbound };
+        let origins = [Origin::User, Origin::Maintenance, Origin::Balancing];
+        let queue: Vec<QueuedMigration> = queued.iter().enumerate().map(|(i, (vm, s, t, o, at))| {
+            q(&format!("q{i}"), &format!("v{vm}"), &format!("h{s}"), &format!("h{}", (t + s + 1) % 5), origins[*o as usize], *at)
+        }).collect();
+        let active: Vec<ActiveMigration> = running.iter().enumerate().map(|(i, (vm, s, t))| {
+            active(&format!("r{i}"), &format!("w{vm}"), &format!("h{s}"), &format!("h{}", (t + s + 1) % 5))
+        }).collect();
+        let p = admit(&queue, &active, &limits);
+        prop_assert_eq!(p.admitted.len() + p.waiting.len(), queue.len());
+        let started: Vec<&QueuedMigration> = p.admitted.iter().map(|n| queue.iter().find(|m| &m.name == n).unwrap()).collect();
+        let total = active.len() + started.len();
+        prop_assert!(started.is_empty() || total as u32 <= per_cluster.max(active.len() as u32));
+        for h in 0..5 {
+            let host = format!("h{h}");
+            let out_before = active.iter().filter(|m| m.source == host).count() as u32;
+            let in_before = active.iter().filter(|m| m.target == host).count() as u32;
+            let out_new = started.iter().filter(|m| m.source == host).count() as u32;
+            let in_new = started.iter().filter(|m| m.target == host).count() as u32;
+            prop_assert!(out_new == 0 || out_before + out_new <= outbound);
+            prop_assert!(in_new == 0 || in_before + in_new <= inbound);
+        }
+        let mut vms = std::collections::HashSet::new();
+        for m in &started {
+            prop_assert!(vms.insert(&m.vm), "two migrations of {} started", m.vm);
+        }
+        // FIFO among equals: an admitted migration never passes an earlier
+        // waiting one of the same class that needs exactly the same slots.
+        for w in &p.waiting {
+            let wm = queue.iter().find(|m| m.name == w.name).unwrap();
+            for s in &started {
+                let same = s.source == wm.source && s.target == wm.target && s.origin.class() == wm.origin.class() && s.vm != wm.vm;
+                if same && !matches!(w.reason, WaitReason::VmBusy { .. }) {
+                    prop_assert!((s.queued_at, &s.name) < (wm.queued_at, &wm.name), "{} passed {}", s.name, wm.name);
+                }
+            }
+        }
+    }
+}
