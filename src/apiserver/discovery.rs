@@ -254,7 +254,7 @@ pub fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Res
 }
 
 /// The built-in kinds' OpenAPI resources, generated once (schemars).
-fn builtin_openapi() -> &'static [openapi::ApiResource] {
+pub(crate) fn builtin_openapi() -> &'static [openapi::ApiResource] {
     static BUILTIN: std::sync::OnceLock<Vec<openapi::ApiResource>> = std::sync::OnceLock::new();
     BUILTIN.get_or_init(openapi::builtin_resources)
 }
