@@ -31,6 +31,9 @@ use super::store::{self, Mutation};
 
 /// A periodic pass even without writes, to pick up anything a wake missed.
 const RESYNC: Duration = Duration::from_secs(2);
+/// How long a wake waits for more writes before the pass: each pass scans
+/// every object, so a burst should cost one pass, not one per write.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Run until `cancel`.
 pub async fn run(state: ApiState, cancel: CancellationToken) {
@@ -41,7 +44,10 @@ pub async fn run(state: ApiState, cancel: CancellationToken) {
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = state.wake.notified() => {}
+            _ = state.wake.notified() => {
+                // Let a burst of writes land so one pass covers them all.
+                tokio::time::sleep(DEBOUNCE).await;
+            }
             _ = tokio::time::sleep(RESYNC) => {}
         }
     }
