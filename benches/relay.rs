@@ -212,6 +212,8 @@ async fn main() {
             "isa-debug-exit,iobase={:#x},iosize=0x04",
             guest::DEBUG_EXIT_IOBASE
         ),
+        // A guest fault ends QEMU instead of rebooting into a fresh fill.
+        "-no-reboot".into(),
     ];
     let config = MigrationConfig {
         multifd_channels: multifd,
