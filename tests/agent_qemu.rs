@@ -132,6 +132,8 @@ async fn a_restarted_agent_readopts_running_qemu() {
         ),
         "{found:?}"
     );
+    mgr2.remove_state("vm1").await.unwrap();
+    assert!(mgr2.adopt_all().await.unwrap().is_empty());
 }
 
 #[tokio::test]
