@@ -175,13 +175,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     crate::agent::daemon::run(config, client, shutdown)
         .await
         .map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            anyhow::anyhow!(text)
+            anyhow::anyhow!(crate::agent::daemon::error_chain(&e))
         })
 }
 

@@ -40,7 +40,7 @@ use crate::core::time::Timestamp as CoreTime;
 
 use super::machine::machine_spec;
 use super::plan::local_name;
-use super::{Agent, migration_owns_qemus};
+use super::{Agent, error_chain as chain, migration_owns_qemus};
 
 /// How long the source waits for the target to confirm that the guest runs
 /// before it reports the switchover on QEMU's word alone.
@@ -515,18 +515,6 @@ async fn wait_until(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
-}
-
-/// An error with its causes, for a person.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The core's convergence decision behind the executor's policy hook.

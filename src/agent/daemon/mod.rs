@@ -167,6 +167,18 @@ pub struct Agent {
     start_failures: Mutex<BTreeMap<String, String>>,
 }
 
+/// An error with its causes, for a person: `what: why: deeper why`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Phases in which a migration owns its VM's QEMUs on both hosts.
 pub fn migration_owns_qemus(phase: MigrationPhase) -> bool {
     matches!(

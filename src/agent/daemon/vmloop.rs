@@ -103,13 +103,7 @@ async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
             .await
             .map(|_| ())
             .map_err(|e| {
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    message.push_str(&format!(": {s}"));
-                    source = s.source();
-                }
-                ("StartFailed", message)
+                ("StartFailed", super::error_chain(&e))
             }),
         Err(e) => Err((e.reason(), e.to_string())),
     };
