@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ferry::cli::daemons::{self, AgentCommand, ApiServerArgs};
+use ferry::cli::daemons::{self, AgentCommand, ApiServerArgs, ControllerArgs};
 use ferry::cli::{GlobalArgs, UserCommand};
 
 /// Ferry: declarative live migration of QEMU virtual machines between hosts.
@@ -27,6 +27,8 @@ enum Command {
     },
     /// Serve the embedded Kubernetes API server.
     Apiserver(ApiServerArgs),
+    /// The controller: schedules and supervises migrations.
+    Controller(ControllerArgs),
     /// The node agent of one host.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -45,6 +47,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => {
             daemons::init_tracing();
             daemons::apiserver(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Controller(args) => {
+            daemons::init_tracing();
+            daemons::controller(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Agent(command) => {
             daemons::init_tracing();
