@@ -208,6 +208,7 @@ async fn main() {
         "create VirtualMachine (schema admission): {count} in {t:?} = {:.0}/s",
         count as f64 / t.as_secs_f64()
     );
+    let after = rss_mib();
     let start = Instant::now();
     let list = vms.list(&ListParams::default()).await.unwrap();
     println!(
@@ -216,8 +217,7 @@ async fn main() {
         start.elapsed()
     );
     println!(
-        "resident memory: {before:.0} MiB before, {:.0} MiB with {count} VirtualMachines (client and server)",
-        rss_mib()
+        "resident memory: {before:.0} MiB before, {after:.0} MiB with {count} VirtualMachines stored (server and an idle client)"
     );
     server.shutdown().await;
 }

@@ -49,6 +49,12 @@ async fn discovery_lists_builtin_and_custom_resources() {
     assert_eq!(w.categories.as_deref(), Some(&["all".to_string()][..]));
     assert!(res.resources.iter().any(|r| r.name == "widgets/status"));
 
+    let (code, g) = get(&c, "/apis/test.ferry.dev").await;
+    assert_eq!(
+        (code, g["preferredVersion"]["groupVersion"].as_str()),
+        (200, Some("test.ferry.dev/v1"))
+    );
+
     let agg = c.list_api_groups_aggregated().await.unwrap();
     let g = agg
         .items

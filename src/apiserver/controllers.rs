@@ -38,25 +38,60 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 /// Run until `cancel`.
 pub async fn run(state: ApiState, cancel: CancellationToken) {
     let mut installed: HashMap<String, String> = HashMap::new();
+    let mut changes = state.store.subscribe();
+    // The first pass and every resync scan everything.
+    let mut full = true;
     loop {
-        if let Err(e) = pass(&state, &mut installed).await {
+        if let Err(e) = pass(&state, &mut installed, full).await {
             tracing::warn!(error = %e, "controller pass failed");
         }
-        tokio::select! {
+        let resync = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = state.wake.notified() => {
                 // Let a burst of writes land so one pass covers them all.
                 tokio::time::sleep(DEBOUNCE).await;
+                false
             }
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(RESYNC) => true,
+        };
+        full = resync | gc_relevant(&mut changes);
+    }
+}
+
+/// Whether any change since the last pass can matter to the garbage
+/// collector: a delete, a deletion request, or owner references. (Scanning
+/// every object for it is the costly part of a pass.)
+fn gc_relevant(changes: &mut tokio::sync::broadcast::Receiver<Arc<super::store::Event>>) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut relevant = false;
+    loop {
+        match changes.try_recv() {
+            Ok(ev) => {
+                relevant |= ev.kind == super::store::EventType::Deleted
+                    || objmeta::is_deleting(&ev.object)
+                    || ev.object.pointer("/metadata/ownerReferences").is_some()
+                    || ev
+                        .old
+                        .as_ref()
+                        .is_some_and(|o| o.pointer("/metadata/ownerReferences").is_some());
+            }
+            Err(TryRecvError::Lagged(_)) => relevant = true,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return relevant,
         }
     }
 }
 
-async fn pass(state: &ApiState, installed: &mut HashMap<String, String>) -> Result<(), ApiError> {
+async fn pass(
+    state: &ApiState,
+    installed: &mut HashMap<String, String>,
+    gc: bool,
+) -> Result<(), ApiError> {
     crds(state, installed).await?;
     namespaces(state).await?;
-    garbage_collect(state).await
+    if gc {
+        garbage_collect(state).await?;
+    }
+    Ok(())
 }
 
 /// A resource stored under `group/plural` (the storage group).

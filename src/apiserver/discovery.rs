@@ -206,6 +206,23 @@ pub fn groups(state: &ApiState, headers: &HeaderMap) -> Response {
     )
 }
 
+/// `/apis/G`: the versions of one group.
+pub fn group(state: &ApiState, name: &str) -> Result<Response, ApiError> {
+    let groups = grouped(state);
+    let versions = groups
+        .get(name)
+        .filter(|_| !name.is_empty())
+        .ok_or_else(ApiError::no_route)?;
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|(v, _)| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIGroup", "apiVersion": "v1", "name": name, "versions": versions, "preferredVersion": versions[0]}),
+    ))
+}
+
 /// `/api/v1` and `/apis/G/V`.
 pub fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Response, ApiError> {
     if !state.registry.has_group_version(group, version) {

@@ -156,6 +156,7 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
         ["api"] => return Ok(discovery::core_versions(&state, &headers)),
         ["apis"] => return Ok(discovery::groups(&state, &headers)),
         ["api", "v1"] => return discovery::resource_list(&state, "", "v1"),
+        ["apis", g] => return discovery::group(&state, g),
         ["apis", g, v] => return discovery::resource_list(&state, g, v),
         ["openapi", ..] => return discovery::openapi(&state, &seg[1..]),
         _ => {}
