@@ -362,8 +362,8 @@ fn overrides_reach_the_manifests() {
     assert!(pod.get("dnsPolicy").is_none());
     let agent = container(ds, "containers", "agent");
     assert_eq!(
-        agent["image"], "ghcr.io/ferry-dev/ferry:0.1.0",
-        "host QEMU uses the plain image"
+        agent["image"], "ghcr.io/ferry-dev/ferry:0.1.0-agent",
+        "host QEMU: the agent image without QEMU"
     );
     assert_eq!(agent["securityContext"]["privileged"], false);
     assert_eq!(
@@ -469,4 +469,44 @@ fn own_object_policy_binds_each_agent_to_its_node() {
         "ferry-agent-own-objects",
     );
     assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+}
+
+#[test]
+fn dockerfile_builds_the_images_and_paths_the_chart_runs() {
+    // Docker cannot run on the development machine; this keeps the
+    // Dockerfile and the chart agreeing on stage names and binary paths.
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    for stage in ["AS build", "AS agent", "AS agent-qemu", "AS runtime"] {
+        assert!(
+            dockerfile.contains(stage),
+            "Dockerfile lacks stage {stage:?}"
+        );
+    }
+    assert!(
+        dockerfile.rfind("AS runtime") > dockerfile.rfind("AS agent-qemu"),
+        "the small runtime image must be the last (default) stage"
+    );
+    assert!(
+        dockerfile.contains("USER 65532:65532"),
+        "runtime image runs as non-root"
+    );
+    for bin in ["ferry", "ferry-agent", "ferry-controller", "kubectl-ferry"] {
+        assert!(
+            dockerfile.contains(&format!("--bin {bin} "))
+                || dockerfile.contains(&format!("--bin {bin}\n")),
+            "{bin} not built"
+        );
+    }
+    assert!(dockerfile.contains("/usr/local/bin/ferry-qemu-host"));
+    assert!(dockerfile.contains("qemu-system-x86"));
+    let objects = render(json!({"agent": {"qemu": {"mode": "host"}}}));
+    let ds = find(&objects, "DaemonSet", "ferry-agent");
+    let agent = container(ds, "containers", "agent");
+    assert_eq!(agent["command"], json!(["/usr/local/bin/ferry-agent"]));
+    assert!(args(agent).contains(&"--qemu=/usr/local/bin/ferry-qemu-host".to_string()));
+    let deploy = find(&objects, "Deployment", "ferry-controller");
+    assert_eq!(
+        container(deploy, "containers", "controller")["command"],
+        json!(["/usr/local/bin/ferry-controller"])
+    );
 }

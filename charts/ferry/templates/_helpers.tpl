@@ -69,6 +69,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- $tag = default .Chart.AppVersion .Values.image.tag }}
 {{- if eq .Values.agent.qemu.mode "image" }}
 {{- $tag = printf "%s-qemu" $tag }}
+{{- else }}
+{{- $tag = printf "%s-agent" $tag }}
 {{- end }}
 {{- end }}
 {{- printf "%s:%s" $repo $tag }}
