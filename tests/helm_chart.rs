@@ -192,7 +192,7 @@ fn default_render_installs_controller_agent_ca_and_policy() {
         "--state-dir=/var/lib/ferry",
         "--pki-dir=/etc/ferry/pki",
         "--migration-listen=0.0.0.0:7443",
-        "--migration-advertise=$(NODE_IP):7443",
+        "--migration-advertise=$(ADVERTISE_IP):7443",
         "--qemu=qemu-system-x86_64",
         "--lease-duration=40s",
     ] {
@@ -207,6 +207,7 @@ fn default_render_installs_controller_agent_ca_and_policy() {
     );
     assert_eq!(agent["ports"][0]["containerPort"], 7443);
     assert_eq!(agent["ports"][0]["hostPort"], 7443);
+    assert!(agent["env"].to_string().contains("status.hostIP"));
     let volumes = pod["volumes"].as_array().unwrap();
     let state = volumes.iter().find(|v| v["name"] == "state").unwrap();
     assert_eq!(state["hostPath"]["path"], "/var/lib/ferry");
@@ -388,6 +389,10 @@ fn overrides_reach_the_manifests() {
         );
     }
     assert!(agent["env"].to_string().contains("FERRY_HOST_QEMU"));
+    assert!(
+        agent["env"].to_string().contains("status.podIP"),
+        "without host networking the pod's IP is advertised"
+    );
     assert!(
         try_find(&objects, "Secret", "ferry-ca").is_none(),
         "existingSecret: no generated CA"
