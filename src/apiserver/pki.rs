@@ -8,6 +8,11 @@
 //! DIR/tokens/<name>               one bearer token per identity (admin,
 //!                                 controller, agent-<host>), generated once
 //! DIR/kubeconfig                  admin kubeconfig for kubectl and kube-rs
+//! DIR/tokens.csv                  optional static tokens, kube-apiserver's
+//!                                 `--token-auth-file` format (read, never
+//!                                 written): `token,user,uid,"group1,group2"`;
+//!                                 e.g. service-account identities
+//!                                 `system:serviceaccount:<ns>:<name>`
 //! ```
 
 use std::collections::BTreeMap;
@@ -227,12 +232,65 @@ pub fn prepare(dir: &Path, listen: SocketAddr, agents: &[String]) -> Result<Cred
         tokens.by_user.insert(identity.user.clone(), token.clone());
         tokens.by_token.insert(token, identity);
     }
+    let static_file = dir.join("tokens.csv");
+    if static_file.exists() {
+        let text = fs::read_to_string(&static_file).map_err(io_err(&static_file))?;
+        for (token, identity) in static_tokens(&text) {
+            tokens.by_user.insert(identity.user.clone(), token.clone());
+            tokens.by_token.insert(token, identity);
+        }
+    }
     Ok(Credentials {
         ca_pem,
         server_cert_pem: server_cert.pem(),
         server_key_pem: server_key.serialize_pem(),
         tokens,
     })
+}
+
+/// The entries of a kube-apiserver static token file: one
+/// `token,user,uid[,"group1,group2"]` per line; blank lines, `#` comments and
+/// lines with fewer than three fields are skipped. Every identity is also in
+/// `system:authenticated`; a `system:serviceaccount:<ns>:<name>` user also gets
+/// the groups Kubernetes gives service accounts.
+pub fn static_tokens(text: &str) -> Vec<(String, Identity)> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(4, ',');
+        let (Some(token), Some(user), Some(_uid)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let mut groups: Vec<String> = fields
+            .next()
+            .map(|g| g.trim().trim_matches('"'))
+            .into_iter()
+            .flat_map(|g| g.split(','))
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(String::from)
+            .collect();
+        if let Some(ns) = user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(ns, _)| ns)
+        {
+            groups.push("system:serviceaccounts".into());
+            groups.push(format!("system:serviceaccounts:{ns}"));
+        }
+        groups.push("system:authenticated".into());
+        out.push((
+            token.trim().to_string(),
+            Identity {
+                user: user.trim().to_string(),
+                groups,
+            },
+        ));
+    }
+    out
 }
 
 /// A kubeconfig document for `server` that authenticates with `token`.

@@ -69,6 +69,10 @@ fn subject_matches(binding: &Value, who: &Identity) -> bool {
             match s["kind"].as_str() {
                 Some("User") => name == who.user,
                 Some("Group") => who.groups.iter().any(|g| g == name),
+                Some("ServiceAccount") => {
+                    let ns = s["namespace"].as_str().unwrap_or("");
+                    who.user == format!("system:serviceaccount:{ns}:{name}")
+                }
                 _ => false,
             }
         })

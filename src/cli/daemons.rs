@@ -56,6 +56,20 @@ pub enum AgentCommand {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Issue this host's relay certificate from the cluster CA (the Helm
+    /// chart's init container): reads `ca.crt` and `ca.key` (PKCS#8) from
+    /// `--ca-dir`, writes `ca.crt`, `host.crt` and `host.key` to `--pki-dir`.
+    Certificate {
+        /// The host the certificate names.
+        #[arg(long, env = "FERRY_HOST")]
+        host: String,
+        /// Directory with the CA's `ca.crt` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where the agent's `--pki-dir` will read the result.
+        #[arg(long)]
+        pki_dir: PathBuf,
+    },
 }
 
 /// `ferry agent run`.
@@ -133,6 +147,20 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 .context("the fencing watchdog")
         }
         AgentCommand::Run(args) => run_agent(*args).await,
+        AgentCommand::Certificate {
+            host,
+            ca_dir,
+            pki_dir,
+        } => {
+            let read = |name: &str| {
+                let path = ca_dir.join(name);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))
+            };
+            let ca = crate::agent::pki::ClusterCa::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+            ca.issue_host(&host)?.save(&pki_dir)?;
+            Ok(())
+        }
     }
 }
 
