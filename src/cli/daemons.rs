@@ -202,9 +202,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     });
     crate::agent::daemon::run(config, client, shutdown)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(crate::agent::daemon::error_chain(&e))
-        })
+        .map_err(|e| anyhow::anyhow!(crate::agent::daemon::error_chain(&e)))
 }
 
 /// Ctrl-C or SIGTERM.

@@ -102,9 +102,7 @@ async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
             .start(&spec, false)
             .await
             .map(|_| ())
-            .map_err(|e| {
-                ("StartFailed", super::error_chain(&e))
-            }),
+            .map_err(|e| ("StartFailed", super::error_chain(&e))),
         Err(e) => Err((e.reason(), e.to_string())),
     };
     match result {
