@@ -27,6 +27,8 @@ enum Command {
     },
     /// Serve the embedded Kubernetes API server.
     Apiserver(ApiServerArgs),
+    /// Run a whole cluster on this machine: API server, agents, QEMU VMs.
+    Up(Box<ferry::cli::up::UpArgs>),
     /// The node agent of one host.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -45,6 +47,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => {
             daemons::init_tracing();
             daemons::apiserver(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Up(args) => {
+            daemons::init_tracing();
+            ferry::cli::up::up(*args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Agent(command) => {
             daemons::init_tracing();
