@@ -226,10 +226,56 @@ pub fn terminate(pid: i32, grace: Duration) -> bool {
     true
 }
 
+/// Stand the fencing watchdog of `state_dir` down and wait until it has
+/// gone (it polls every 250 ms); kill it if it has not within a second —
+/// it must not outlive the directory, where it would wait forever for a
+/// heartbeat file that no longer exists.
+pub fn stop_watchdog(state_dir: &Path) {
+    use crate::agent::daemon::watchdog;
+    if !state_dir.exists() {
+        return;
+    }
+    let _ = watchdog::stand_down(state_dir);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while watchdog::is_running(state_dir) {
+        if Instant::now() > deadline {
+            for pid in watchdog_pids(state_dir) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pids of `… agent watchdog --state-dir <state_dir>` processes.
+fn watchdog_pids(state_dir: &Path) -> Vec<i32> {
+    let want = state_dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .map(str::to_string)
+                .collect();
+            let is_watchdog = args.iter().any(|a| a == "watchdog")
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--state-dir" && w[1] == want);
+            is_watchdog.then_some(pid)
+        })
+        .collect()
+}
+
 /// Stop the QEMUs of a host state directory (SIGTERM, then SIGKILL after
-/// `grace`) and stand its fencing watchdog down. Returns the pids stopped.
+/// `grace`) and its fencing watchdog. Returns the QEMU pids stopped.
 pub fn stop_host_vms(state_dir: &Path, grace: Duration) -> Vec<i32> {
-    let _ = crate::agent::daemon::watchdog::stand_down(state_dir);
+    stop_watchdog(state_dir);
     let Ok(entries) = std::fs::read_dir(state_dir.join("vms")) else {
         return Vec::new();
     };
