@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use ferry::apiserver::schema::{AdmitError, AdmitOptions, FieldValidation, Validator};
+use ferry::apiserver::schema::{
+    AdmitError, AdmitOptions, FieldValidation, Validator, validate_crd,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
 use serde_json::Value;
@@ -22,6 +24,12 @@ fn validators() -> HashMap<(String, String), Validator> {
         let path = entry.unwrap().path();
         let crd: CustomResourceDefinition =
             serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            validate_crd(&crd),
+            Vec::new(),
+            "{} is refused",
+            path.display()
+        );
         for v in &crd.spec.versions {
             let validator = Validator::new(v)
                 .unwrap_or_else(|e| panic!("{}: {} does not compile: {e}", path.display(), v.name));
@@ -74,6 +82,12 @@ fn every_example_is_admitted_strictly() {
             if let Err(e) = v.admit(&mut obj, None, &STRICT) {
                 panic!("{} is refused: {e}", path.display());
             }
+            // Updating it unchanged passes every transition rule too.
+            let mut again = obj.clone();
+            if let Err(e) = v.admit(&mut again, Some(&obj), &STRICT) {
+                panic!("{} is refused on an unchanged update: {e}", path.display());
+            }
+            assert_eq!(again, obj, "admission is idempotent");
             admitted += 1;
         }
     }
@@ -143,4 +157,36 @@ fn vm_uuid_is_immutable_once_set() {
         "{}",
         errs[0]
     );
+}
+
+#[test]
+fn migration_transition_rules_hold() {
+    let validators = validators();
+    let path = root().join("examples/migration-cold.yaml");
+    let mut old = documents(&path)
+        .into_iter()
+        .find(|o| o["kind"] == "Migration")
+        .expect("a Migration example");
+    let v = &validators[&key(&old)];
+    v.admit(&mut old, None, &STRICT).unwrap();
+    assert_eq!(old["spec"]["cancel"], false, "defaulted");
+
+    let mut cancelled = old.clone();
+    cancelled["spec"]["cancel"] = Value::Bool(true);
+    v.admit(&mut cancelled, Some(&old), &STRICT).unwrap();
+    let mut withdrawn = cancelled.clone();
+    withdrawn["spec"]["cancel"] = Value::Bool(false);
+    let Err(e) = v.admit(&mut withdrawn, Some(&cancelled), &STRICT) else {
+        panic!("withdrawing a cancel was admitted");
+    };
+    assert_eq!(
+        e.to_string(),
+        r#"spec.cancel: Invalid value: "boolean": a cancel cannot be withdrawn"#
+    );
+    let mut retyped = old.clone();
+    retyped["spec"]["type"] = Value::String("Live".into());
+    let Err(e) = v.admit(&mut retyped, Some(&old), &STRICT) else {
+        panic!("changing the type was admitted");
+    };
+    assert!(e.to_string().ends_with("type is immutable"), "{e}");
 }

@@ -201,6 +201,7 @@ pub struct MigrationStatus {
     pub observed_generation: Option<i64>,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -334,6 +335,10 @@ pub struct Timestamps {
     /// Transfer started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<Time>,
+    /// Switched to post-copy: the guest began running on the target while
+    /// its remaining pages were pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<Time>,
     /// The guest started running on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<Time>,

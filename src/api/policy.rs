@@ -420,5 +420,6 @@ pub struct MigrationPolicyStatus {
     pub observed_generation: Option<i64>,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

@@ -14,6 +14,7 @@
 
 mod builtin;
 mod crd;
+mod unknown;
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -22,6 +23,7 @@ use serde_json::{Map, Value, json};
 
 pub use builtin::builtin_resources;
 pub use crd::crd_resources;
+pub use unknown::unknown_fields;
 
 /// The `info.version` of the documents: the Kubernetes version this server
 /// speaks for.

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ferry::cli::daemons::{self, AgentCommand, ApiServerArgs};
+use ferry::cli::daemons::{self, AgentCommand, ApiServerArgs, ControllerArgs};
 use ferry::cli::{GlobalArgs, UserCommand};
 
 /// Ferry: declarative live migration of QEMU virtual machines between hosts.
@@ -29,6 +29,8 @@ enum Command {
     Apiserver(ApiServerArgs),
     /// Run a whole cluster on this machine: API server, agents, QEMU VMs.
     Up(Box<ferry::cli::up::UpArgs>),
+    /// The controller: schedules and supervises migrations.
+    Controller(ControllerArgs),
     /// The node agent of one host.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -51,6 +53,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Up(args) => {
             daemons::init_tracing();
             ferry::cli::up::up(*args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Controller(args) => {
+            daemons::init_tracing();
+            daemons::controller(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Agent(command) => {
             daemons::init_tracing();

@@ -204,3 +204,32 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// `ferry controller`.
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    /// Kubeconfig of the controller's identity.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The agents' Lease duration: a host silent this long is Unreachable.
+    #[arg(long, default_value = "10s")]
+    pub lease_duration: ApiDuration,
+}
+
+/// Run the controller until Ctrl-C or SIGTERM.
+pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = crate::cli::client::connect_path(args.kubeconfig.as_deref()).await?;
+    let config = crate::controller::ControllerConfig {
+        lease_duration: args.lease_duration.get(),
+        ..crate::controller::ControllerConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    crate::controller::run(client, config, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+}

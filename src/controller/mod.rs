@@ -1,1 +1,284 @@
-//! See the crate documentation.
+//! The controller: turns Migrations, HostMaintenances and MigrationPolicies
+//! into decisions, and supervises them. It never touches a VM: it writes
+//! decisions into the API (a Migration's phase and hosts, a VM's
+//! `status.host`) for the agents, and watches them happen.
+//!
+//! ```text
+//!  caches (reflectors): VMs, Hosts, Migrations, Policies, Namespaces, Leases
+//!      │
+//!      ├─ Migration controller (kube-runtime): observe → core::migration::decide → act
+//!      ├─ hosts loop (every second): Lease silence → Host phase; Fenced → Evacuate migrations
+//!      ├─ placement loop: VMs without a host → core::scheduler::place → status.host
+//!      └─ HostMaintenance controller: cordon, one Migration per VM, progress, blockers
+//! ```
+//!
+//! Everything is recomputed from the API: a restarted controller resumes
+//! every migration from its recorded status. Decisions that the caches may
+//! not show yet (a target chosen, a slot taken a moment ago) are held in
+//! [`Ctx::recent`] until the caches catch up, so two reconciles never both
+//! take the last slot.
+
+pub mod health;
+mod hosts;
+mod migration;
+mod placement;
+pub mod snapshot;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, ResourceExt};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{
+    Host, HostMaintenance, Migration, MigrationPolicy, SYSTEM_NAMESPACE, VirtualMachine,
+};
+use crate::core::policy::EffectivePolicy;
+use crate::core::scheduler::InFlight;
+
+/// How the controller is configured.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Hosts whose Lease has not changed for this long are Unreachable
+    /// (the agents' Lease duration).
+    pub lease_duration: Duration,
+    /// How often the host and placement loops run.
+    pub tick: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(10),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the controller could not act.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// A Kubernetes API call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        source: Box<kube::Error>,
+    },
+}
+
+impl ControllerError {
+    /// Map a kube error while doing `what`.
+    pub fn api(what: &'static str) -> impl FnOnce(kube::Error) -> ControllerError {
+        move |source| ControllerError::Api {
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ControllerError::Api { .. } => "ApiError",
+        }
+    }
+}
+
+/// Decisions taken but perhaps not yet visible in the caches.
+#[derive(Default)]
+pub struct Recent {
+    /// Migration id → the target it reserved (Queued and later).
+    pub targets: BTreeMap<String, (InFlight, Instant)>,
+    /// Migration id → admitted at.
+    pub admitted: BTreeMap<String, Instant>,
+    /// VM id → host chosen by placement.
+    pub placed: BTreeMap<String, (String, Instant)>,
+    /// VM id → when an evacuation was created for it.
+    pub evacuations: BTreeMap<String, Instant>,
+}
+
+impl Recent {
+    /// Forget what the caches must show by now.
+    pub fn expire(&mut self, now: Instant) {
+        const HORIZON: Duration = Duration::from_secs(10);
+        self.targets
+            .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
+        self.admitted
+            .retain(|_, at| now.duration_since(*at) < HORIZON);
+        self.placed
+            .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
+        self.evacuations
+            .retain(|_, at| now.duration_since(*at) < HORIZON);
+    }
+}
+
+/// What every reconcile shares.
+pub struct Ctx {
+    /// The API client.
+    pub client: kube::Client,
+    /// Configuration.
+    pub config: ControllerConfig,
+    /// Caches.
+    pub vms: reflector::Store<VirtualMachine>,
+    /// Caches.
+    pub hosts: reflector::Store<Host>,
+    /// Caches.
+    pub migrations: reflector::Store<Migration>,
+    /// Caches.
+    pub policies: reflector::Store<MigrationPolicy>,
+    /// Caches.
+    pub namespaces: reflector::Store<Namespace>,
+    /// Caches.
+    pub leases: reflector::Store<Lease>,
+    /// Caches.
+    pub maintenances: reflector::Store<HostMaintenance>,
+    /// Serialises scheduling and admission, with what they decided lately.
+    pub recent: Mutex<Recent>,
+    /// Lease renewals seen.
+    pub leases_seen: std::sync::Mutex<health::LeaseTracker>,
+}
+
+impl Ctx {
+    /// The policy that applies to a VM (or the explicitly named one) and its
+    /// effective settings; `Err` names a policy that does not resolve.
+    pub fn policy_for(
+        &self,
+        vm: Option<&VirtualMachine>,
+        explicit: Option<&str>,
+    ) -> (Option<String>, EffectivePolicy, Option<String>) {
+        let policies: Vec<MigrationPolicy> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let labels = vm.map(|v| v.labels().clone()).unwrap_or_default();
+        let namespace_labels = vm
+            .and_then(|v| v.namespace())
+            .and_then(|ns| {
+                self.namespaces
+                    .state()
+                    .into_iter()
+                    .find(|n| n.name_any() == ns)
+            })
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        match crate::bridge::policy::resolve(&policies, explicit, &labels, &namespace_labels) {
+            Ok((selection, effective)) => {
+                let missing = match &selection {
+                    crate::core::policy::Selection::ExplicitMissing { name } => Some(name.clone()),
+                    _ => None,
+                };
+                (selection.name().map(str::to_string), effective, missing)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a MigrationPolicy does not resolve; using the defaults");
+                (None, EffectivePolicy::default(), None)
+            }
+        }
+    }
+
+    /// The cluster-wide policy: what applies to a VM with no labels. Host
+    /// fencing timing (`fenceAfter`, `evacuateAfter`) comes from it.
+    pub fn cluster_policy(&self) -> EffectivePolicy {
+        self.policy_for(None, None).1
+    }
+}
+
+fn store<K>(api: Api<K>, shutdown: &CancellationToken) -> reflector::Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = stream.next() => if next.is_none() { return },
+            }
+        }
+    });
+    reader
+}
+
+/// Run the controller until `shutdown`.
+pub async fn run(
+    client: kube::Client,
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        config: config.clone(),
+        vms: store(Api::<VirtualMachine>::all(client.clone()), &shutdown),
+        hosts: store(Api::<Host>::all(client.clone()), &shutdown),
+        migrations: store(Api::<Migration>::all(client.clone()), &shutdown),
+        policies: store(Api::<MigrationPolicy>::all(client.clone()), &shutdown),
+        namespaces: store(Api::<Namespace>::all(client.clone()), &shutdown),
+        leases: store(
+            Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE),
+            &shutdown,
+        ),
+        maintenances: store(Api::<HostMaintenance>::all(client.clone()), &shutdown),
+        recent: Mutex::default(),
+        leases_seen: std::sync::Mutex::new(health::LeaseTracker::new(Instant::now())),
+    });
+    for ready in [
+        ctx.vms.wait_until_ready().boxed(),
+        ctx.hosts.wait_until_ready().boxed(),
+        ctx.migrations.wait_until_ready().boxed(),
+        ctx.policies.wait_until_ready().boxed(),
+        ctx.namespaces.wait_until_ready().boxed(),
+        ctx.leases.wait_until_ready().boxed(),
+        ctx.maintenances.wait_until_ready().boxed(),
+    ] {
+        tokio::select! {
+            _ = ready => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    tracing::info!("controller caches synced");
+    let loops = tokio::spawn(periodic(ctx.clone(), shutdown.clone()));
+    let migrations = tokio::spawn(migration::run(ctx.clone(), shutdown.clone()));
+    shutdown.cancelled().await;
+    let _ = tokio::join!(loops, migrations);
+    Ok(())
+}
+
+/// The host and placement loops.
+async fn periodic(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = hosts::reconcile(&ctx).await {
+            tracing::warn!(error = %e, "host health pass failed");
+        }
+        if let Err(e) = placement::reconcile(&ctx).await {
+            tracing::warn!(error = %e, "placement pass failed");
+        }
+    }
+}

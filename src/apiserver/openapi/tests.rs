@@ -208,3 +208,39 @@ fn v2_document_uses_definitions_and_v2_parameters() {
         "#/definitions/dev.ferry.v1alpha1.VirtualMachine"
     );
 }
+
+#[test]
+fn unknown_fields_of_builtin_kinds_are_named_by_path() {
+    let res = builtin_resources();
+    let deploy = res.iter().find(|r| r.kind == "Deployment").unwrap();
+    let d = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "labels": {"a": "b"}, "bogus": 1},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+                {"name": "web", "imagee": "nginx", "resources": {"limits": {"cpu": "1"}},
+                 "ports": [{"containerPort": 80, "protocl": "TCP"}]}]}}}});
+    assert_eq!(
+        unknown_fields(deploy, &d),
+        vec![
+            "metadata.bogus",
+            "spec.template.spec.containers[0].imagee",
+            "spec.template.spec.containers[0].ports[0].protocl",
+        ]
+    );
+    let cm = res.iter().find(|r| r.kind == "ConfigMap").unwrap();
+    assert!(
+        unknown_fields(
+            cm,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"}})
+        )
+        .is_empty()
+    );
+    let crd = res
+        .iter()
+        .find(|r| r.kind == "CustomResourceDefinition")
+        .unwrap();
+    let c = json!({"spec": {"group": "g", "versions": [{"name": "v1", "schema": {"openAPIV3Schema": {
+        "type": "object", "properties": {"a": {"type": "string", "x-kubernetes-validations": [{"rule": "true"}]}}}}}],
+        "nope": true}});
+    assert_eq!(unknown_fields(crd, &c), vec!["spec.nope"]);
+}

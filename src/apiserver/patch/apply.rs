@@ -298,13 +298,21 @@ pub fn server_side_apply(
         .filter(|e| !is_mine(e))
         .map(|e| &e.set)
         .collect();
-    let dropped: Vec<&FieldPath> = previous.difference(&applied).collect();
-    for p in dropped.into_iter().rev() {
+    // Shallowest first: a removed list item takes its fields with it (and
+    // must be found by its key fields before they are gone).
+    let mut removed: Vec<&FieldPath> = Vec::new();
+    for p in previous.difference(&applied) {
+        if removed.iter().any(|r| has_prefix(p, r)) {
+            continue;
+        }
         if !owns(&applied, p) && !others.iter().any(|s| owns(s, p)) {
             remove_at(&mut out, p);
+            removed.push(p);
         }
     }
 
+    let before: Vec<Entry> = read_entries(live);
+    let mine_before = before.iter().find(|e| is_mine(e)).cloned();
     entries.retain(|e| !is_mine(e));
     entries.push(Entry {
         manager: opts.manager.into(),
@@ -314,8 +322,42 @@ pub fn server_side_apply(
         subresource: sub.into(),
         set: applied,
     });
+    // A no-op apply changes nothing, not even the time of the entry: the
+    // object (and so its resourceVersion) stays as it was.
+    if let (Some(l), Some(prev)) = (live, mine_before)
+        && without_managed_fields(l) == without_managed_fields(&out)
+        && same_sets(&before, &entries)
+        && prev.api_version == api_version
+    {
+        return Ok(l.clone());
+    }
     write_entries(&mut out, entries);
     Ok(out)
+}
+
+fn without_managed_fields(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(Value::Object(m)) = v.get_mut("metadata") {
+        m.remove("managedFields");
+    }
+    v
+}
+
+/// Whether two entry lists give every manager the same fields.
+fn same_sets(a: &[Entry], b: &[Entry]) -> bool {
+    let key = |e: &Entry| {
+        (
+            e.manager.clone(),
+            e.operation.clone(),
+            e.subresource.clone(),
+            e.set.clone(),
+        )
+    };
+    let mut x: Vec<_> = a.iter().filter(|e| !e.set.is_empty()).map(key).collect();
+    let mut y: Vec<_> = b.iter().filter(|e| !e.set.is_empty()).map(key).collect();
+    x.sort();
+    y.sort();
+    x == y
 }
 
 /// Merges an apply configuration into the live value.

@@ -68,6 +68,10 @@ impl SchemaListTypes {
 
 impl ListTypes for SchemaListTypes {
     fn list_type(&self, path: &[&str]) -> ListType {
+        // `metadata` is ObjectMeta for custom resources too.
+        if path.first() == Some(&"metadata") {
+            return BuiltinListTypes.list_type(path);
+        }
         let Some(n) = self.node(path) else {
             return ListType::Atomic;
         };

@@ -338,3 +338,104 @@ fn apply_to_status_subresource_only_takes_status() {
     assert_eq!(ctrl["subresource"], "status");
     assert_eq!(ctrl["fieldsV1"], json!({"f:status": {"f:phase": {}}}));
 }
+
+#[test]
+fn a_repeated_apply_changes_nothing() {
+    let live = apply(None, &cm(json!({"a": "1"})), "ctrl", false, T0).unwrap();
+    let again = apply(Some(&live), &cm(json!({"a": "1"})), "ctrl", false, T1).unwrap();
+    assert_eq!(again, live, "same object, same managedFields time");
+    let changed = apply(Some(&live), &cm(json!({"a": "2"})), "ctrl", false, T1).unwrap();
+    assert_eq!(changed["metadata"]["managedFields"][0]["time"], T1);
+    let mut updated = live.clone();
+    track_update(
+        Some(&live),
+        &mut updated,
+        &UpdateOptions {
+            manager: "other",
+            time: T1,
+            subresource: None,
+        },
+        &BuiltinListTypes,
+    );
+    assert_eq!(
+        updated, live,
+        "an update that changes nothing records nothing"
+    );
+}
+
+#[test]
+fn custom_resource_metadata_lists_merge_like_object_meta() {
+    let types = SchemaListTypes::new(
+        json!({"type": "object", "properties": {"metadata": {"type": "object"}}}),
+    );
+    assert_eq!(types.list_type(&["metadata", "finalizers"]), ListType::Set);
+    assert_eq!(
+        types.list_type(&["metadata", "ownerReferences"]),
+        ListType::Map(vec!["uid".into()])
+    );
+    let cr = |fin: Value| json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "Host", "metadata": {"name": "h", "finalizers": fin}});
+    let opts = |m| ApplyOptions {
+        manager: m,
+        force: false,
+        time: T0,
+        subresource: None,
+        ignore_status: false,
+    };
+    let live = server_side_apply(None, &cr(json!(["a"])), &opts("one"), &types).unwrap();
+    let out = server_side_apply(Some(&live), &cr(json!(["b"])), &opts("two"), &types).unwrap();
+    assert_eq!(
+        out["metadata"]["finalizers"],
+        json!(["a", "b"]),
+        "each manager owns its finalizer"
+    );
+}
+
+#[test]
+fn apply_removes_list_items_the_manager_dropped() {
+    let d = |containers: Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"template": {"spec": {"containers": containers}}}})
+    };
+    let both = d(json!([{"name": "web", "image": "a"}, {"name": "sidecar", "image": "b"}]));
+    let live = apply(None, &both, "kubectl", false, T0).unwrap();
+    let out = apply(
+        Some(&live),
+        &d(json!([{"name": "web", "image": "a"}])),
+        "kubectl",
+        false,
+        T1,
+    )
+    .unwrap();
+    assert_eq!(
+        out["spec"]["template"]["spec"]["containers"],
+        json!([{"name": "web", "image": "a"}])
+    );
+    assert_eq!(
+        out["metadata"]["managedFields"][0]["fieldsV1"],
+        json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"web\"}": {".": {}, "f:image": {}, "f:name": {}}}}}}})
+    );
+    // An item another manager also states survives the first one dropping it.
+    let shared = apply(
+        Some(&live),
+        &d(json!([{"name": "sidecar", "image": "b"}])),
+        "ops",
+        false,
+        T1,
+    )
+    .unwrap();
+    let out = apply(
+        Some(&shared),
+        &d(json!([{"name": "web", "image": "a"}])),
+        "kubectl",
+        false,
+        T1,
+    )
+    .unwrap();
+    assert_eq!(
+        out["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}

@@ -11,14 +11,14 @@ use serde_json::{Value, json};
 
 use super::SchemaError;
 use super::field::{FieldError, FieldErrorKind};
-use super::node::{Additional, Node};
+use super::node::{Additional, Node, RuleMeta};
 
 /// The compiled rules of one schema.
 pub(crate) struct CelRules {
     compiled: kube_cel::CompiledSchema,
     /// rule text → the type of the schema node declaring it (the bad value
     /// the real server prints) and the rule's `fieldPath`.
-    rule_types: HashMap<String, (String, Option<String>)>,
+    rule_types: HashMap<String, (String, RuleMeta)>,
     /// Whether the schema has `x-kubernetes-list-type: map` lists, whose
     /// items need `oldSelf` matched by key.
     pub(crate) has_map_lists: bool,
@@ -39,12 +39,9 @@ impl std::fmt::Debug for CelRules {
     }
 }
 
-fn collect_rule_types(n: &Node, out: &mut HashMap<String, (String, Option<String>)>) {
-    for (rule, field_path) in &n.rules {
-        out.insert(
-            rule.clone(),
-            (n.type_name().to_string(), field_path.clone()),
-        );
+fn collect_rule_types(n: &Node, out: &mut HashMap<String, (String, RuleMeta)>) {
+    for r in &n.rules {
+        out.insert(r.rule.clone(), (n.type_name().to_string(), r.clone()));
     }
     for p in n.properties.values() {
         collect_rule_types(p, out);
@@ -88,13 +85,13 @@ impl CelRules {
         errors
             .iter()
             .map(|e| {
-                let (ty, field_path) = self
+                let (ty, meta) = self
                     .rule_types
                     .get(&e.rule)
                     .cloned()
-                    .unwrap_or_else(|| ("object".to_string(), None));
+                    .unwrap_or_else(|| ("object".to_string(), RuleMeta::default()));
                 let field = e.field_path.as_str();
-                let node = declaring_path(field, field_path.as_deref());
+                let node = declaring_path(field, meta.field_path.as_deref());
                 let error = match e.kind {
                     kube_cel::ErrorKind::ValidationFailure => {
                         match e
@@ -114,12 +111,41 @@ impl CelRules {
                             _ => FieldError::invalid(field, json!(ty), e.message.clone()),
                         }
                     }
+                    kube_cel::ErrorKind::EvaluationError => {
+                        FieldError::invalid(field, json!(ty), evaluation_detail(e, &meta))
+                    }
                     _ => FieldError::invalid(field, json!(ty), e.message.clone()),
                 };
                 (error, node)
             })
             .collect()
     }
+}
+
+/// apiextensions' text for a rule that failed to evaluate:
+/// `no such key: limit evaluating rule: <message or rule>`.
+fn evaluation_detail(e: &kube_cel::ValidationError, meta: &RuleMeta) -> String {
+    use kube_cel::cel::ExecutionError as X;
+    let rule = match meta.message.as_deref().map(str::trim) {
+        Some(m) if !m.is_empty() => m.to_string(),
+        _ => e.rule.trim().to_string(),
+    };
+    let cause = std::error::Error::source(e).and_then(|s| s.downcast_ref::<X>());
+    let what = match cause {
+        Some(X::NoSuchKey(k)) => format!("no such key: {k}"),
+        Some(X::IndexOutOfBounds(i)) => format!("index out of bounds: {i:?}"),
+        Some(X::DivisionByZero(_)) => "division by zero".to_string(),
+        Some(X::RemainderByZero(_)) => "modulus by zero".to_string(),
+        Some(X::Overflow(..)) => "integer overflow".to_string(),
+        Some(X::NoSuchOverload) => {
+            return format!(
+                "'no such overload': call arguments did not match a supported operator, function or macro signature for rule: {rule}"
+            );
+        }
+        Some(other) => other.to_string(),
+        None => e.message.clone(),
+    };
+    format!("{what} evaluating rule: {rule}")
 }
 
 /// The path of the node declaring a rule, from the path an error was

@@ -16,6 +16,7 @@
 //! body the server answers with (422 `Invalid` or 400 `BadRequest`).
 
 mod cel;
+mod crd;
 mod defaults;
 pub mod field;
 mod formats;
@@ -31,6 +32,7 @@ mod tests;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionVersion;
 use serde_json::Value;
 
+pub use crd::validate_crd;
 pub use field::{FieldError, FieldErrorKind, invalid_status, strict_decoding_status};
 pub use meta::{validate_name, validate_object_meta};
 use node::Node;
@@ -106,13 +108,17 @@ pub enum AdmitError {
     /// The object failed validation (422).
     #[error("{}", field::aggregate_message(&.0.iter().map(ToString::to_string).collect::<Vec<_>>()))]
     Invalid(Vec<FieldError>),
+    /// Part of the object cannot be decoded at all, such as a `metadata`
+    /// that is not an `ObjectMeta` (400).
+    #[error("{0}")]
+    Undecodable(String),
 }
 
 impl AdmitError {
     /// The HTTP status code the server answers with.
     pub fn code(&self) -> u16 {
         match self {
-            Self::UnknownFields(_) => 400,
+            Self::UnknownFields(_) | Self::Undecodable(_) => 400,
             Self::Invalid(_) => 422,
         }
     }
@@ -122,6 +128,18 @@ impl AdmitError {
         match self {
             Self::UnknownFields(f) => strict_decoding_status(kind, version, f),
             Self::Invalid(errs) => invalid_status(group, kind, name, errs),
+            Self::Undecodable(why) => serde_json::json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": format!(
+                    "{kind} in version {} cannot be handled as a {kind}: {why}",
+                    field::go_quote(version)
+                ),
+                "reason": "BadRequest",
+                "code": 400
+            }),
         }
     }
 }
@@ -164,6 +182,13 @@ impl Validator {
         opts: &AdmitOptions,
     ) -> Result<Admitted, AdmitError> {
         let unknown = prune::prune_root(obj, &self.root);
+        if let Some(m) = obj.get("metadata")
+            && let Err(e) = serde_json::from_value::<
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            >(m.clone())
+        {
+            return Err(AdmitError::Undecodable(format!("metadata: {e}")));
+        }
         let mut admitted = Admitted::default();
         match opts.field_validation {
             FieldValidation::Strict if !unknown.is_empty() => {

@@ -19,6 +19,14 @@ pub(crate) enum Additional {
     Schema(Box<Node>),
 }
 
+/// What the error texts need of one `x-kubernetes-validations` rule.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RuleMeta {
+    pub rule: String,
+    pub field_path: Option<String>,
+    pub message: Option<String>,
+}
+
 /// One compiled schema node.
 #[derive(Debug, Default)]
 pub(crate) struct Node {
@@ -53,8 +61,8 @@ pub(crate) struct Node {
     pub any_of: Vec<Node>,
     pub one_of: Vec<Node>,
     pub not: Option<Box<Node>>,
-    /// `(rule, fieldPath)` of this node's `x-kubernetes-validations`.
-    pub rules: Vec<(String, Option<String>)>,
+    /// This node's `x-kubernetes-validations`.
+    pub rules: Vec<RuleMeta>,
 }
 
 fn int(v: &Value, key: &str) -> Option<i64> {
@@ -173,11 +181,12 @@ impl Node {
         {
             for r in rules {
                 if let Some(rule) = r.get("rule").and_then(Value::as_str) {
-                    let fp = r
-                        .get("fieldPath")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    n.rules.push((rule.to_string(), fp));
+                    let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+                    n.rules.push(RuleMeta {
+                        rule: rule.to_string(),
+                        field_path: text("fieldPath"),
+                        message: text("message"),
+                    });
                 }
             }
         }

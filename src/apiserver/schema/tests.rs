@@ -437,3 +437,103 @@ fn transition_rules_in_map_list_items_see_the_item_with_the_same_key() {
         r#"spec.disks: Invalid value: "array": at most 3 disks"#
     );
 }
+
+#[test]
+fn rules_that_fail_to_evaluate_say_why() {
+    let v = Validator::from_schema(&json!({"type": "object", "properties": {
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "properties": {"limit": {"type": "integer"}},
+            "x-kubernetes-validations": [{"rule": "self.limit > 0", "message": "limit must be positive"}]}}}))
+    .unwrap();
+    let mut o = json!({"metadata": {"name": "x"}, "spec": {}});
+    let e = v.admit(&mut o, None, &AdmitOptions::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"spec: Invalid value: "object": no such key: limit evaluating rule: limit must be positive"#
+    );
+}
+
+fn crd_with(
+    schema: Value,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "metadata": {"name": "widgets.ferry.dev"},
+        "spec": {"group": "ferry.dev", "scope": "Namespaced",
+                 "names": {"kind": "Widget", "plural": "widgets"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": schema}}]}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn crds_with_non_structural_schemas_are_refused_like_the_real_server() {
+    let mut version = crd_version();
+    version.name = "v1".into();
+    let mut good = crd_with(json!({}));
+    good.spec.versions = vec![version];
+    assert_eq!(validate_crd(&good), Vec::new());
+
+    let bad = crd_with(json!({"type": "object", "properties": {
+        "spec": {"properties": {"x": {"type": "string"}}},
+        "list": {"type": "array"},
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": true},
+        "mode": {"type": "string", "enum": ["A"], "default": "B"},
+        "metadata": {"type": "object", "properties": {"labels": {"type": "object"}}},
+        "mixed": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "string"}}
+    }}));
+    let texts: Vec<String> = validate_crd(&bad).iter().map(ToString::to_string).collect();
+    let p = "spec.versions[0].schema.openAPIV3Schema";
+    for want in [
+        format!(
+            "{p}.properties[spec].type: Required value: must not be empty for specified object fields"
+        ),
+        format!("{p}.properties[list].items: Required value: must be specified"),
+        format!(
+            "{p}.properties[tags].uniqueItems: Forbidden: uniqueItems cannot be set to true since the runtime complexity becomes quadratic"
+        ),
+        format!(r#"{p}.properties[mode].default: Unsupported value: "B": supported values: "A""#),
+        format!(
+            "{p}.properties[metadata]: Forbidden: must not specify anything other than name and generateName, but metadata is implicitly specified"
+        ),
+        format!(
+            "{p}.properties[mixed].additionalProperties: Forbidden: additionalProperties and properties are mutual exclusive"
+        ),
+    ] {
+        assert!(texts.contains(&want), "missing {want}\n in {texts:#?}");
+    }
+
+    let mut misnamed = crd_with(json!({"type": "array", "items": {"type": "string"}}));
+    misnamed.metadata.name = Some("widget.ferry.dev".into());
+    let texts: Vec<String> = validate_crd(&misnamed)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(texts.contains(&r#"metadata.name: Invalid value: "widget.ferry.dev": must be spec.names.plural+"."+spec.group"#.to_string()), "{texts:?}");
+    assert!(
+        texts.contains(&format!(
+            r#"{p}.type: Invalid value: "array": must be object at the root"#
+        )),
+        "{texts:?}"
+    );
+
+    let bad_rule =
+        crd_with(json!({"type": "object", "x-kubernetes-validations": [{"rule": "self.a ==="}]}));
+    let errs = validate_crd(&bad_rule);
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].field, format!("{p}.x-kubernetes-validations"));
+}
+
+#[test]
+fn metadata_that_is_not_object_meta_is_a_bad_request() {
+    let v = validator();
+    let mut o = obj(json!({"host": "h"}));
+    o["metadata"]["labels"] = json!({"a": 1});
+    let e = v.admit(&mut o, None, &AdmitOptions::default()).unwrap_err();
+    assert_eq!(e.code(), 400);
+    let s = e.status("ferry.dev", "v1alpha1", "Widget", "w1");
+    assert!(
+        s["message"].as_str().unwrap().starts_with(r#"Widget in version "v1alpha1" cannot be handled as a Widget: metadata: invalid type: integer `1`, expected a string"#),
+        "{s}"
+    );
+}

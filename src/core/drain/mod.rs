@@ -119,6 +119,11 @@ pub enum Outcome {
     },
     /// It is stopped (`nonMigratable: Stop`).
     Stop,
+    /// A migration of it is already in flight (the drain waits for it).
+    AlreadyMoving {
+        /// Its target, once assigned.
+        target: Option<String>,
+    },
     /// It stays, and the host cannot be emptied.
     Blocked(Blocker),
 }
@@ -176,6 +181,18 @@ pub enum DrainError {
     NoBandwidth,
 }
 
+impl DrainError {
+    /// A stable machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownHost(_) => "UnknownHost",
+            Self::UnknownTarget(_) => "UnknownTarget",
+            Self::Placement(e) => e.reason(),
+            Self::NoBandwidth => "NoBandwidth",
+        }
+    }
+}
+
 /// A fixed cost per migration: target QEMU start, handshake, switchover.
 pub const SETUP_TIME: Duration = Duration::from_secs(2);
 
@@ -216,7 +233,12 @@ pub fn plan(
     let mut working = snapshot.clone();
     let mut entries = Vec::with_capacity(vms.len());
     for (i, vm) in vms.iter().enumerate() {
-        let outcome = if vm.quarantined {
+        let moving = snapshot.in_flight().iter().find(|m| m.vm == vm.id);
+        let outcome = if let Some(m) = moving {
+            Outcome::AlreadyMoving {
+                target: m.target.clone(),
+            }
+        } else if vm.quarantined {
             Outcome::Blocked(Blocker::Quarantined)
         } else if !vm.migratable {
             match req.non_migratable {

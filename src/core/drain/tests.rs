@@ -139,6 +139,7 @@ fn a_given_target_takes_every_vm_that_fits_and_the_rest_are_blocked() {
         NOW,
     );
     assert_eq!(err, Err(DrainError::UnknownHost("nope".into())));
+    assert_eq!(err.unwrap_err().reason(), "UnknownHost");
 }
 
 #[test]
@@ -321,4 +322,87 @@ fn back_off_is_capped() {
         next_attempt(&attempts, &[], &p, Timestamp::from_secs(20)),
         RetryDecision::RetryAt(Timestamp::from_secs(19).plus(p.max_backoff))
     );
+}
+
+fn with_policy(kind: crate::core::policy::SchedulingPolicyKind) -> EffectivePolicy {
+    let o = PolicyOverrides {
+        scheduling_policy: Some(kind),
+        ..Default::default()
+    };
+    EffectivePolicy::resolve(PolicySource::Defaults, &o).unwrap()
+}
+
+#[test]
+fn an_evenly_distributed_drain_spreads_busy_vms_over_idle_hosts() {
+    // Each VM carries a third of the old host's load: 33 points. Without
+    // counting the moves already planned, all three would go to `a`.
+    let vms: Vec<VmInfo> = (0..3)
+        .map(|i| {
+            let mut v = sized(&format!("ns/v{i}"), 2);
+            v.resources.cpus = 8;
+            v
+        })
+        .collect();
+    let s = Snapshot::new(
+        vec![
+            host("old").cpu(100.0),
+            host("a").cpu(0.0),
+            host("b").cpu(10.0),
+            host("c").cpu(20.0),
+        ],
+        vms,
+        vec![],
+    );
+    let rates = HashMap::new();
+    let policy = with_policy(crate::core::policy::SchedulingPolicyKind::EvenlyDistributed);
+    let p = plan(&s, &policy, &request(&rates), NOW).unwrap();
+    let mut targets: Vec<&str> = p.entries.iter().map(|e| migrate(e).0).collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec!["a", "b", "c"],
+        "planned moves count on their targets' load"
+    );
+}
+
+#[test]
+fn an_in_cluster_upgrade_drain_empties_an_old_host_onto_upgraded_ones_only() {
+    let vms: Vec<VmInfo> = (0..4).map(|i| sized(&format!("ns/v{i}"), 2)).collect();
+    let s = Snapshot::new(
+        vec![
+            host("old").version("1.4.0"),
+            host("older").version("1.3.0"),
+            host("new").version("1.5.0"),
+        ],
+        vms,
+        vec![],
+    );
+    let rates = HashMap::new();
+    let policy = with_policy(crate::core::policy::SchedulingPolicyKind::InClusterUpgrade);
+    let p = plan(&s, &policy, &request(&rates), NOW).unwrap();
+    assert!(p.entries.iter().all(|e| migrate(e).0 == "new"), "{p:?}");
+}
+
+#[test]
+fn a_vm_already_in_flight_is_not_planned_twice() {
+    let s = Snapshot::new(
+        vec![host("old"), host("a")],
+        vec![sized("ns/moving", 2), sized("ns/still", 2)],
+        vec![crate::core::scheduler::InFlight {
+            vm: "ns/moving".into(),
+            source: "old".into(),
+            target: Some("a".into()),
+        }],
+    );
+    let rates = HashMap::new();
+    let p = plan(&s, &EffectivePolicy::default(), &request(&rates), NOW).unwrap();
+    let moving = p.entries.iter().find(|e| e.vm == "ns/moving").unwrap();
+    assert_eq!(
+        moving.outcome,
+        Outcome::AlreadyMoving {
+            target: Some("a".into())
+        }
+    );
+    let still = p.entries.iter().find(|e| e.vm == "ns/still").unwrap();
+    assert_eq!(migrate(still).0, "a");
 }

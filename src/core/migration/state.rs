@@ -6,7 +6,9 @@ use std::time::Duration;
 use super::reasons::FailureReason;
 use crate::core::time::{GIB, Timestamp};
 
-/// The phase names of the API (`status.phase`), without data.
+/// The phase names of the API (`status.phase`), without data. The
+/// declaration order is the lifecycle order (`decide` compares phases with
+/// it: "before the transfer" is `<= PreparingTarget`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
     /// Created, not yet validated.

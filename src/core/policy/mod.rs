@@ -7,7 +7,7 @@
 //! else in the core takes an [`EffectivePolicy`] and never looks at an
 //! `Option` for a policy value again.
 //!
-//! Which policy applies to a VM is decided by [`select`]: see its module
+//! Which policy applies to a VM is decided by [`select()`](select::select): see its module
 //! documentation for the "most specific match wins" rule.
 //!
 //! The defaults carry their source: oVirt/RHV (scheduling parameters, the

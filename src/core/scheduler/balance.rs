@@ -7,7 +7,8 @@
 //!               │ yes, worst first
 //!               ▼
 //!  skip if: migrations in flight on it │ a move from it within `interval`
-//!           │ already part of a move in this pass
+//!           │ already part of a move in this pass │ its cluster already has
+//!           `parallelMigrationsPerCluster` moves in this pass (no storms)
 //!               ▼
 //!  movable VMs: migratable, not pinned, not quarantined, not in flight,
 //!               not moved within `vmCooldown`, under the per-VM move budget
@@ -37,7 +38,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::evaluate::Request;
-use super::load::{cpu_now, cpu_over, cpu_under, memory_plenty, memory_short};
+use super::load::{cpu_now, memory_plenty, memory_short};
 use super::{Snapshot, best_host};
 use crate::core::policy::{EffectivePolicy, SchedulingPolicyKind};
 use crate::core::time::{MIB, Timestamp};
@@ -144,6 +145,10 @@ pub enum Skip {
     },
     /// It is already part of a move in this pass.
     UsedThisPass,
+    /// Its cluster already has `parallelMigrationsPerCluster` moves in this
+    /// pass: more could not run anyway, and the next pass decides on fresh
+    /// load.
+    PassFull,
     /// None of its VMs may move (pinned, cooldown, budget, ...).
     NoMovableVm,
     /// No move improves the spread by more than the margin.
@@ -186,9 +191,16 @@ pub fn balance(
     }
     let loads: Vec<f64> = snapshot.hosts.iter().map(|h| cpu_now(h, now)).collect();
     let in_flight_vms: HashSet<&str> = snapshot.in_flight.iter().map(|m| m.vm.as_str()).collect();
+    let candidates = candidates(snapshot, policy, &loads, now);
     let mut used: HashSet<usize> = HashSet::new();
+    let mut per_cluster: HashMap<&str, u32> = HashMap::new();
     for (h, reason) in sources(snapshot, policy, &loads, now) {
         let name = snapshot.hosts[h].name.clone();
+        let source_cluster = snapshot.hosts[h].cluster.as_str();
+        if per_cluster.get(source_cluster).copied().unwrap_or(0) >= policy.limits.per_cluster {
+            plan.skipped.push((name, Skip::PassFull));
+            continue;
+        }
         if snapshot.busy(h) {
             plan.skipped.push((name, Skip::Busy));
             continue;
@@ -235,7 +247,9 @@ pub fn balance(
             let under = matches!(reason, MoveReason::UnderUtilized { .. });
             let skip =
                 |t: usize| snapshot.busy(t) || used.contains(&t) || (under && loads[t] <= loads[h]);
-            let Some((t, score)) = best_host(snapshot, &r, &skip) else {
+            let cluster = r.cluster.unwrap_or(snapshot.hosts[h].cluster.as_str());
+            let list = candidates.get(cluster).map_or(&[][..], Vec::as_slice);
+            let Some((t, score)) = best_host(snapshot, &r, list, &skip, CANDIDATES) else {
                 continue;
             };
             let Some(m) = evaluate(snapshot, policy, &r, h, t, &score, &loads, &reason) else {
@@ -251,6 +265,7 @@ pub fn balance(
         }
         match best {
             Some((_, m, t)) => {
+                *per_cluster.entry(source_cluster).or_default() += 1;
                 used.insert(h);
                 used.insert(t);
                 plan.moves.push(m);
@@ -259,6 +274,48 @@ pub fn balance(
         }
     }
     plan
+}
+
+/// How many fitting targets the balancer weighs per VM. Targets are walked
+/// in the policy's order of preference, so the first few that fit hold the
+/// best move; weighing every host for every VM of every overloaded host
+/// would make a pass quadratic in the cluster size.
+pub const CANDIDATES: usize = 16;
+
+/// Possible targets per cluster, most promising first: least loaded for
+/// the spreading policies, most loaded (under `highUtilization`) for
+/// `PowerSaving`, fewest VMs for `VmEvenlyDistributed`. Hosts that no VM
+/// could enter (not Active, cordoned, overloaded) are left out.
+fn candidates<'s>(
+    s: &'s Snapshot,
+    p: &EffectivePolicy,
+    loads: &[f64],
+    now: Timestamp,
+) -> HashMap<&'s str, Vec<usize>> {
+    let sched = &p.scheduling;
+    let mut by_cluster: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (h, host) in s.hosts.iter().enumerate() {
+        let open = host.phase == super::HostPhase::Active
+            && host.schedulable
+            && !s.busy(h)
+            && !s.cpu_over(h, sched.high_utilization, sched.over_commit_duration, now);
+        if open {
+            by_cluster.entry(host.cluster.as_str()).or_default().push(h);
+        }
+    }
+    let count = |h: usize| {
+        s.vms_on[h].len() + usize::from(s.hosts[h].control_host) * sched.spm_vm_grace as usize
+    };
+    for list in by_cluster.values_mut() {
+        match sched.policy {
+            SchedulingPolicyKind::PowerSaving => {
+                list.sort_by(|a, b| loads[*b].total_cmp(&loads[*a]))
+            }
+            SchedulingPolicyKind::VmEvenlyDistributed => list.sort_by_key(|h| count(*h)),
+            _ => list.sort_by(|a, b| loads[*a].total_cmp(&loads[*b])),
+        }
+    }
+    by_cluster
 }
 
 /// Hosts that need relief, worst first.
@@ -299,7 +356,7 @@ fn sources(
             SchedulingPolicyKind::None => continue,
             _ => {}
         }
-        if cpu_over(host, sched.high_utilization, d, now) {
+        if s.cpu_over(h, sched.high_utilization, d, now) {
             let reason = MoveReason::CpuOverloaded {
                 percent: loads[h],
                 threshold: sched.high_utilization,
@@ -316,7 +373,7 @@ fn sources(
                 500.0,
             ));
         } else if sched.policy == SchedulingPolicyKind::PowerSaving
-            && cpu_under(host, sched.low_utilization, d, now)
+            && s.cpu_under(h, sched.low_utilization, d, now)
             && sched
                 .min_free_memory_for_under_utilized
                 .is_none_or(|m| memory_plenty(host, m, d, now))

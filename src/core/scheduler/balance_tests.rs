@@ -369,3 +369,28 @@ proptest! {
         prop_assert!(quiet, "still moving: {:?}", moves_per_round);
     }
 }
+
+#[test]
+fn a_pass_makes_no_more_moves_per_cluster_than_may_run_at_once() {
+    let mut hosts = Vec::new();
+    let mut vms = Vec::new();
+    for i in 0..8 {
+        hosts.push(host(&format!("hot{i}")).cpu(90.0));
+        hosts.push(host(&format!("cool{i}")).cpu(5.0));
+        for j in 0..4 {
+            let mut v = vm(&format!("ns/h{i}-{j}"), Some(&format!("hot{i}")));
+            v.resources.cpus = 4;
+            vms.push(v);
+        }
+    }
+    let p = policy(SchedulingPolicyKind::EvenlyDistributed);
+    let plan = balance(&Snapshot::new(hosts, vms, vec![]), &p, &[], NOW);
+    assert_eq!(plan.moves.len(), p.limits.per_cluster as usize);
+    assert_eq!(
+        plan.skipped
+            .iter()
+            .filter(|(_, s)| *s == Skip::PassFull)
+            .count(),
+        3
+    );
+}

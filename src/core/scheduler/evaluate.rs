@@ -1,252 +1,18 @@
 //! Filters and weights: one VM against one host.
 //!
 //! Filters follow oVirt's policy units; every filter that rejects a host says
-//! why with a [`Rejection`]. In "explain" mode every filter runs so that the
+//! why with a [`Rejection`] (see `rejection.rs`). In "explain" mode every filter runs so that the
 //! decision lists all the reasons a host was refused; in "fast" mode (the
 //! balancer's inner loop) evaluation stops at the first rejection.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
 
-use super::load::{compare_versions, cpu_now, cpu_over, rescale, vm_share};
+use super::load::{compare_versions, cpu_now, rescale, vm_share};
+pub use super::rejection::Rejection;
 use super::snapshot::{HOST_CPU_MODELS, HostPhase, Snapshot, VmInfo};
 use crate::core::policy::{EffectivePolicy, SchedulingPolicyKind};
-use crate::core::time::{MIB, Timestamp};
-
-/// Why a host cannot take a VM.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Rejection {
-    /// The VM already runs there: a migration never targets its source.
-    IsSource,
-    /// The host is not `Active`.
-    NotActive {
-        /// Its phase.
-        phase: HostPhase,
-    },
-    /// The host is cordoned (maintenance or by hand).
-    Unschedulable,
-    /// The host is in another cluster.
-    WrongCluster {
-        /// The host's cluster.
-        host: String,
-        /// The VM's.
-        required: String,
-    },
-    /// The host lacks a label of the VM's `hostSelector`.
-    HostSelector {
-        /// Label key.
-        key: String,
-        /// Required value.
-        want: String,
-        /// The host's value.
-        got: Option<String>,
-    },
-    /// The VM is pinned to another host.
-    NotPinned {
-        /// The pinned host.
-        pinned: String,
-    },
-    /// The host's CPU model differs.
-    CpuModel {
-        /// The host's model.
-        host: String,
-        /// The model required.
-        required: String,
-    },
-    /// The host lacks CPU features the VM needs.
-    MissingCpuFeatures {
-        /// The missing flags.
-        missing: Vec<String>,
-    },
-    /// Not enough free memory.
-    Memory {
-        /// Free bytes.
-        free: u64,
-        /// Needed bytes.
-        needed: u64,
-    },
-    /// Fewer CPUs than the VM has vCPUs.
-    Cpus {
-        /// The host's CPUs.
-        host: u32,
-        /// The VM's vCPUs.
-        needed: u32,
-    },
-    /// Other members of the VM's affinity group run elsewhere.
-    Affinity {
-        /// The group.
-        group: String,
-        /// Where its members are.
-        hosts: Vec<String>,
-    },
-    /// A member of the VM's anti-affinity group runs (or arrives) here.
-    AntiAffinity {
-        /// The group.
-        group: String,
-        /// The member.
-        vm: String,
-    },
-    /// The host already receives as many migrations as allowed.
-    InboundLimit {
-        /// Arriving now.
-        in_flight: u32,
-        /// `parallelInboundPerHost`.
-        limit: u32,
-    },
-    /// CPU over `highUtilization` for the whole `overCommitDuration`.
-    Overloaded {
-        /// Current load (%).
-        percent: f64,
-        /// The threshold (%).
-        threshold: u32,
-        /// The duration.
-        duration: Duration,
-    },
-    /// `PowerSaving`: the VM would push the host over `highUtilization`.
-    WouldExceedHighUtilization {
-        /// Projected load (%).
-        projected: f64,
-        /// The threshold (%).
-        threshold: u32,
-    },
-    /// Free memory after placement would fall under
-    /// `maxFreeMemoryForOverUtilized`.
-    MemoryOverUtilized {
-        /// Free bytes after placement.
-        free_after: u64,
-        /// The threshold.
-        threshold: u64,
-    },
-    /// `InClusterUpgrade`: the host runs an older version than the source.
-    OlderVersion {
-        /// The host's version.
-        host: String,
-        /// The source's version.
-        source: String,
-    },
-}
-
-impl Rejection {
-    /// A stable machine-readable reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::IsSource => "IsSource",
-            Self::NotActive { .. } => "HostNotActive",
-            Self::Unschedulable => "HostUnschedulable",
-            Self::WrongCluster { .. } => "WrongCluster",
-            Self::HostSelector { .. } => "HostSelectorMismatch",
-            Self::NotPinned { .. } => "PinnedToOtherHost",
-            Self::CpuModel { .. } => "CpuModelMismatch",
-            Self::MissingCpuFeatures { .. } => "MissingCpuFeatures",
-            Self::Memory { .. } => "InsufficientMemory",
-            Self::Cpus { .. } => "InsufficientCpus",
-            Self::Affinity { .. } => "AffinityGroupElsewhere",
-            Self::AntiAffinity { .. } => "AntiAffinityConflict",
-            Self::InboundLimit { .. } => "InboundLimitReached",
-            Self::Overloaded { .. } => "HostOverloaded",
-            Self::WouldExceedHighUtilization { .. } => "WouldExceedHighUtilization",
-            Self::MemoryOverUtilized { .. } => "MemoryOverUtilized",
-            Self::OlderVersion { .. } => "OlderVersion",
-        }
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::IsSource => write!(f, "the VM already runs on this host"),
-            Self::NotActive { phase } => write!(f, "host is {}, not Active", phase.as_str()),
-            Self::Unschedulable => write!(f, "host is unschedulable (cordoned or in maintenance)"),
-            Self::WrongCluster { host, required } => {
-                write!(
-                    f,
-                    "host is in cluster {host:?}, the VM must stay in {required:?}"
-                )
-            }
-            Self::HostSelector {
-                key,
-                want,
-                got: Some(got),
-            } => {
-                write!(f, "host label {key}={got:?}, hostSelector wants {want:?}")
-            }
-            Self::HostSelector {
-                key,
-                want,
-                got: None,
-            } => {
-                write!(f, "host has no label {key}, hostSelector wants {want:?}")
-            }
-            Self::NotPinned { pinned } => write!(f, "the VM is pinned to host {pinned:?}"),
-            Self::CpuModel { host, required } => {
-                write!(f, "host CPU model is {host:?}, the VM needs {required:?}")
-            }
-            Self::MissingCpuFeatures { missing } => {
-                write!(f, "host CPU lacks {}", missing.join(", "))
-            }
-            Self::Memory { free, needed } => {
-                write!(
-                    f,
-                    "{} MiB free, the VM needs {} MiB",
-                    free / MIB,
-                    needed / MIB
-                )
-            }
-            Self::Cpus { host, needed } => {
-                write!(f, "host has {host} CPUs, the VM has {needed} vCPUs")
-            }
-            Self::Affinity { group, hosts } => {
-                write!(f, "affinity group {group:?} runs on {}", hosts.join(", "))
-            }
-            Self::AntiAffinity { group, vm } => {
-                write!(
-                    f,
-                    "anti-affinity group {group:?}: {vm} runs or arrives here"
-                )
-            }
-            Self::InboundLimit { in_flight, limit } => {
-                write!(
-                    f,
-                    "{in_flight} migrations already arriving (parallelInboundPerHost {limit})"
-                )
-            }
-            Self::Overloaded {
-                percent,
-                threshold,
-                duration,
-            } => write!(
-                f,
-                "CPU {percent:.0}% has been over {threshold}% for {}s (overCommitDuration)",
-                duration.as_secs()
-            ),
-            Self::WouldExceedHighUtilization {
-                projected,
-                threshold,
-            } => {
-                write!(
-                    f,
-                    "the VM would bring CPU to {projected:.0}%, over highUtilization {threshold}%"
-                )
-            }
-            Self::MemoryOverUtilized {
-                free_after,
-                threshold,
-            } => write!(
-                f,
-                "{} MiB would stay free, under maxFreeMemoryForOverUtilized {} MiB",
-                free_after / MIB,
-                threshold / MIB
-            ),
-            Self::OlderVersion { host, source } => {
-                write!(
-                    f,
-                    "host runs version {host}, older than the source's {source} (InClusterUpgrade)"
-                )
-            }
-        }
-    }
-}
+use crate::core::time::Timestamp;
 
 /// How a host that passed every filter was weighed.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +36,13 @@ pub(crate) struct Request<'a> {
     pub vm: &'a VmInfo,
     pub source: Option<usize>,
     pub cluster: Option<&'a str>,
+    /// `cluster`, interned.
+    pub cluster_id: u32,
+    /// `cluster`, shared by every rejection that names it.
+    pub cluster_name: Option<Arc<str>>,
+    /// Required CPU features (with the source's, for host-passthrough) as a
+    /// mask, when every one is known.
+    pub feature_mask: Option<u64>,
     pub policy: &'a EffectivePolicy,
     pub now: Timestamp,
     pub ignore_inbound_limit: bool,
@@ -353,10 +126,24 @@ impl<'a> Request<'a> {
                 }
             }
         }
+        let passthrough = vm
+            .cpu_model
+            .as_deref()
+            .is_some_and(|m| HOST_CPU_MODELS.contains(&m));
+        let feature_mask = s
+            .hot
+            .feature_mask(&vm.required_cpu_features)
+            .map(|m| match source {
+                Some(src) if passthrough => m | s.hot.features[src],
+                _ => m,
+            });
         Self {
             vm,
             source,
             cluster,
+            cluster_id: cluster.map_or(u32::MAX, |c| s.hot.cluster_id(c)),
+            cluster_name: cluster.map(Arc::from),
+            feature_mask,
             policy,
             now,
             ignore_inbound_limit,
@@ -417,12 +204,12 @@ impl<'a> Request<'a> {
                 limit
             });
         }
-        if let Some(required) = self.cluster
-            && host.cluster != required
+        if let Some(required) = &self.cluster_name
+            && s.hot.cluster[h] != self.cluster_id
         {
             reject!(Rejection::WrongCluster {
-                host: host.cluster.clone(),
-                required: required.to_string()
+                host: s.hot.cluster_name(h),
+                required: required.clone()
             });
         }
         if let Some(pinned) = &vm.placement.pinned_host
@@ -463,7 +250,7 @@ impl<'a> Request<'a> {
             });
         }
         let duration = sched.over_commit_duration;
-        if cpu_over(host, sched.high_utilization, duration, self.now) {
+        if s.cpu_over(h, sched.high_utilization, duration, self.now) {
             let percent = cpu_now(host, self.now);
             reject!(Rejection::Overloaded {
                 percent,
@@ -472,7 +259,8 @@ impl<'a> Request<'a> {
             });
         }
         if sched.policy == SchedulingPolicyKind::PowerSaving {
-            let projected = cpu_now(host, self.now) + self.share_on(host.capacity.cpus);
+            let projected =
+                cpu_now(host, self.now) + s.incoming_load[h] + self.share_on(host.capacity.cpus);
             if projected > f64::from(sched.high_utilization) {
                 reject!(Rejection::WouldExceedHighUtilization {
                     projected,
@@ -526,6 +314,12 @@ impl<'a> Request<'a> {
                 required: m.to_string(),
             });
         }
+        // Fast path: every required feature present, by mask.
+        if let Some(mask) = self.feature_mask
+            && s.hot.features[h] & mask == mask
+        {
+            return;
+        }
         let mut missing: Vec<String> = vm
             .required_cpu_features
             .iter()
@@ -553,7 +347,8 @@ impl<'a> Request<'a> {
     pub(crate) fn score(&self, s: &Snapshot, h: usize) -> Score {
         let host = &s.hosts[h];
         let sched = &self.policy.scheduling;
-        let cpu = cpu_now(host, self.now);
+        // Load now, plus what VMs on their way here will add.
+        let cpu = cpu_now(host, self.now) + s.incoming_load[h];
         let projected = cpu + self.share_on(host.capacity.cpus);
         let free_after = s.free_memory(h).saturating_sub(self.vm.resources.memory);
         let free_pct = 100.0 * free_after as f64 / host.capacity.memory.max(1) as f64;

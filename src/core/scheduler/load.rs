@@ -183,3 +183,33 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod flat_copy_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::scheduler::Snapshot;
+    use crate::core::scheduler::testkit::host;
+
+    proptest! {
+        #[test]
+        fn the_flat_copy_judges_a_series_exactly_like_the_series_itself(
+            points in prop::collection::vec((0i64..30, 0.0f64..100.0), 0..20),
+            threshold in 0u32..100,
+            window in 0u64..300,
+            now in 0i64..400,
+        ) {
+            let mut t = 0;
+            let mut h = host("h");
+            h.load = points.iter().map(|(dt, cpu)| {
+                t += dt * 10;
+                LoadSample { at: Timestamp::from_secs(t), cpu_percent: *cpu, free_memory: 0 }
+            }).collect();
+            let s = Snapshot::new(vec![host("other"), h.clone()], vec![], vec![]);
+            let (d, now) = (Duration::from_secs(window), Timestamp::from_secs(now));
+            prop_assert_eq!(s.cpu_over(1, threshold, d, now), cpu_over(&h, threshold, d, now));
+            prop_assert_eq!(s.cpu_under(1, threshold, d, now), cpu_under(&h, threshold, d, now));
+        }
+    }
+}

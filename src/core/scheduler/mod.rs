@@ -29,13 +29,25 @@
 //!
 //! A VM's CPU contribution is estimated from its host's load in proportion
 //! to its vCPUs (see [`load::vm_share`]); an unplaced VM is assumed busy.
-//! Balancing lives in [`balance`].
+//! VMs on their way to a host (migrations in flight, or moves a planner has
+//! already placed with [`Snapshot::add_in_flight`]) count on that host's
+//! memory, CPU load, VM count and affinity groups.
+//!
+//! Cost: [`Snapshot::new`] indexes once (VMs per host, groups, arrivals, and
+//! flat copies of each host's load series extremes, cluster and CPU features);
+//! a placement is then one pass over the hosts, and a balancing pass weighs
+//! only the first [`balance::CANDIDATES`] fitting targets per VM, in the
+//! policy's order of preference. `benches/scheduler.rs` measures both.
+//! Balancing lives in [`mod@balance`].
 
 pub mod balance;
 #[cfg(test)]
 mod balance_tests;
 mod evaluate;
 pub mod load;
+#[cfg(test)]
+mod prop_tests;
+mod rejection;
 mod snapshot;
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -43,6 +55,7 @@ pub(crate) mod testkit;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -84,7 +97,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostVerdict {
     /// Host name.
-    pub host: String,
+    pub host: Arc<str>,
     /// What happened to it.
     pub verdict: Verdict,
 }
@@ -116,7 +129,7 @@ impl SchedulingDecision {
     pub fn verdict(&self, host: &str) -> Option<&Verdict> {
         self.hosts
             .iter()
-            .find(|h| h.host == host)
+            .find(|h| &*h.host == host)
             .map(|h| &h.verdict)
     }
 
@@ -173,6 +186,22 @@ pub enum PlacementError {
     UnknownTarget(String),
 }
 
+impl PlacementError {
+    /// A stable machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownVm(_) => "UnknownVm",
+            Self::UnknownTarget(_) => "UnknownTarget",
+        }
+    }
+
+    /// Whether asking again may help: only once the missing object appears
+    /// in the snapshot, which a retry after the next watch event covers.
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
 /// Place one VM: the chosen host with its score and, for every other host,
 /// why it was refused or scored lower.
 pub fn place(
@@ -203,7 +232,7 @@ pub fn place(
             fit.push((h, r.score(snapshot, h)));
         } else {
             rejected.push(HostVerdict {
-                host: snapshot.hosts[h].name.clone(),
+                host: snapshot.hot.names[h].clone(),
                 verdict: Verdict::Rejected(reasons),
             });
         }
@@ -218,7 +247,7 @@ pub fn place(
         .into_iter()
         .enumerate()
         .map(|(i, (h, score))| HostVerdict {
-            host: snapshot.hosts[h].name.clone(),
+            host: snapshot.hot.names[h].clone(),
             verdict: if i == 0 {
                 Verdict::Chosen(score)
             } else {
@@ -236,15 +265,19 @@ pub fn place(
     })
 }
 
-/// The best host for a VM without explanations (the balancer's inner loop):
-/// hosts for which `skip` is true are not considered.
+/// The best host for a VM without explanations (the balancer's inner
+/// loop): walks `candidates` in order, skipping those for which `skip` is
+/// true, and stops after `limit` hosts have passed the filters.
 pub(crate) fn best_host(
     snapshot: &Snapshot,
     r: &Request<'_>,
+    candidates: &[usize],
     skip: &dyn Fn(usize) -> bool,
+    limit: usize,
 ) -> Option<(usize, Score)> {
     let mut best: Option<(usize, Score)> = None;
-    for h in (0..snapshot.hosts.len()).filter(|h| !skip(*h)) {
+    let mut fits = 0;
+    for &h in candidates.iter().filter(|h| !skip(**h)) {
         if !r.filter(snapshot, h, false).is_empty() {
             continue;
         }
@@ -258,6 +291,10 @@ pub(crate) fn best_host(
         };
         if better {
             best = Some((h, score));
+        }
+        fits += 1;
+        if fits >= limit {
+            break;
         }
     }
     best

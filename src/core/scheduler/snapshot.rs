@@ -2,7 +2,11 @@
 //! with the indexes that make one placement cost O(hosts).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
+use std::time::Duration;
+
+use super::load::{self, rescale, vm_share};
 use crate::core::time::Timestamp;
 
 /// A host's lifecycle phase (the `Host` status).
@@ -120,6 +124,9 @@ pub struct VmInfo {
     pub migratable: bool,
     /// Quarantined after repeated failures: left alone by automatic moves.
     pub quarantined: bool,
+    /// `spec.highlyAvailable`: rebuilt elsewhere when its host fails, even
+    /// under `MigrateHighlyAvailableOnly`.
+    pub highly_available: bool,
 }
 
 /// A migration in flight (admitted and not finished).
@@ -151,12 +158,120 @@ pub struct Snapshot {
     pub(crate) outbound: Vec<u32>,
     /// Resources reserved by arriving VMs.
     pub(crate) reserved: Vec<Resources>,
+    /// CPU load (percentage points) the arriving VMs will add.
+    pub(crate) incoming_load: Vec<f64>,
     /// Members of each affinity group.
     pub(crate) affinity: HashMap<String, Vec<usize>>,
     /// Members of each anti-affinity group.
     pub(crate) anti_affinity: HashMap<String, Vec<usize>>,
     /// VM index → its in-flight migration's target host index.
     pub(crate) vm_target: HashMap<usize, usize>,
+    /// Flat copies of what every placement reads for every host.
+    pub(crate) hot: Hot,
+}
+
+/// Flat, cache-friendly copies of the per-host data every placement reads
+/// (a placement walks every host: at 10,000 hosts, chasing each host's heap
+/// allocations costs more than the filters themselves).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hot {
+    /// Interned cluster of each host.
+    pub cluster: Vec<u32>,
+    cluster_ids: HashMap<String, u32>,
+    cluster_names: Vec<Arc<str>>,
+    /// Host names, shared by every decision that names them.
+    pub names: Vec<Arc<str>>,
+    /// CPU features of each host as a bit mask (when at most 64 distinct).
+    pub features: Vec<u64>,
+    feature_bits: HashMap<String, u32>,
+    features_fit: bool,
+    /// Every host's sample times, one after the other (`off` delimits them).
+    at: Vec<Timestamp>,
+    /// Minimum CPU from each sample to the end of its host's series.
+    suffix_min: Vec<f64>,
+    /// Maximum CPU from each sample to the end of its host's series.
+    suffix_max: Vec<f64>,
+    off: Vec<usize>,
+}
+
+impl Hot {
+    fn new(hosts: &[HostInfo]) -> Self {
+        let mut hot = Hot {
+            features_fit: true,
+            off: vec![0],
+            ..Default::default()
+        };
+        for h in hosts {
+            let next = u32::try_from(hot.cluster_ids.len()).unwrap_or(u32::MAX);
+            let id = *hot.cluster_ids.entry(h.cluster.clone()).or_insert(next);
+            if id == next {
+                hot.cluster_names.push(Arc::from(h.cluster.as_str()));
+            }
+            hot.cluster.push(id);
+            hot.names.push(Arc::from(h.name.as_str()));
+            let mut mask = 0u64;
+            for f in &h.cpu_features {
+                let next = u32::try_from(hot.feature_bits.len()).unwrap_or(u32::MAX);
+                let bit = *hot.feature_bits.entry(f.clone()).or_insert(next);
+                if bit < 64 {
+                    mask |= 1 << bit;
+                } else {
+                    hot.features_fit = false;
+                }
+            }
+            hot.features.push(mask);
+            let start = hot.at.len();
+            hot.at.extend(h.load.iter().map(|l| l.at));
+            hot.suffix_min.extend(h.load.iter().map(|l| l.cpu_percent));
+            hot.suffix_max.extend(h.load.iter().map(|l| l.cpu_percent));
+            for i in (start..hot.at.len().saturating_sub(1)).rev() {
+                hot.suffix_min[i] = hot.suffix_min[i].min(hot.suffix_min[i + 1]);
+                hot.suffix_max[i] = hot.suffix_max[i].max(hot.suffix_max[i + 1]);
+            }
+            hot.off.push(hot.at.len());
+        }
+        hot
+    }
+
+    /// The cluster of host `h`.
+    pub fn cluster_name(&self, h: usize) -> Arc<str> {
+        self.cluster_names[self.cluster[h] as usize].clone()
+    }
+
+    /// The interned id of a cluster (`u32::MAX`: no host is in it).
+    pub fn cluster_id(&self, name: &str) -> u32 {
+        self.cluster_ids.get(name).copied().unwrap_or(u32::MAX)
+    }
+
+    /// A feature set as a mask, when every feature is known and fits.
+    pub fn feature_mask<'f>(&self, features: impl IntoIterator<Item = &'f String>) -> Option<u64> {
+        if !self.features_fit {
+            return None;
+        }
+        features
+            .into_iter()
+            .try_fold(0u64, |m, f| self.feature_bits.get(f).map(|b| m | (1 << b)))
+    }
+
+    /// The series of host `h` judged over `[now - d, now]` by the
+    /// precomputed suffix extremes: `Some(min, max)` of the window, `None`
+    /// when the series does not reach back to its start. Falls back to
+    /// `slow` when samples after `now` exist (they must not count).
+    fn window_extremes(&self, h: usize, d: Duration, now: Timestamp) -> Option<Option<(f64, f64)>> {
+        let (lo, hi) = (self.off[h], self.off[h + 1]);
+        let at = &self.at[lo..hi];
+        let end = at.partition_point(|t| *t <= now);
+        if end < at.len() {
+            return None;
+        }
+        let first = at.partition_point(|t| *t <= now.minus(d));
+        Some((first > 0).then(|| {
+            (
+                self.suffix_min[lo + first - 1],
+                self.suffix_max[lo + first - 1],
+            )
+        }))
+    }
 }
 
 impl Snapshot {
@@ -185,10 +300,13 @@ impl Snapshot {
             inbound: vec![Vec::new(); n],
             outbound: vec![0; n],
             reserved: vec![Resources::default(); n],
+            incoming_load: vec![0.0; n],
             affinity: HashMap::new(),
             anti_affinity: HashMap::new(),
             vm_target: HashMap::new(),
+            hot: Hot::default(),
         };
+        s.hot = Hot::new(&s.hosts);
         for (i, vm) in s.vms.iter().enumerate() {
             if let Some(h) = vm.host.as_ref().and_then(|h| s.host_index.get(h)) {
                 s.vms_on[*h].push(i);
@@ -226,6 +344,19 @@ impl Snapshot {
             self.reserved[t].cpus += r.cpus;
             self.reserved[t].memory += r.memory;
             self.vm_target.insert(v, t);
+            // The VM's share of its source's latest load, moved to the target.
+            let (share, from_cpus) = match self.host_index.get(&m.source).copied() {
+                Some(src) => {
+                    let host = &self.hosts[src];
+                    let load = host.load.last().map_or(0.0, |l| l.cpu_percent);
+                    (
+                        vm_share(load, host.capacity.cpus, self.vcpus_on[src], r.cpus),
+                        host.capacity.cpus,
+                    )
+                }
+                None => (100.0, r.cpus),
+            };
+            self.incoming_load[t] += rescale(share, from_cpus, self.hosts[t].capacity.cpus);
         }
         self.in_flight.push(m);
     }
@@ -280,6 +411,36 @@ impl Snapshot {
             .memory
             .saturating_sub(host.allocated.memory)
             .saturating_sub(self.reserved[h].memory)
+    }
+
+    /// Whether host `h`'s CPU stayed over `threshold` % for the whole
+    /// `duration` (same answer as [`load::cpu_over`], from the flat copy).
+    pub(crate) fn cpu_over(
+        &self,
+        h: usize,
+        threshold: u32,
+        duration: Duration,
+        now: Timestamp,
+    ) -> bool {
+        match self.hot.window_extremes(h, duration, now) {
+            Some(w) => w.is_some_and(|(min, _)| min > f64::from(threshold)),
+            None => load::cpu_over(&self.hosts[h], threshold, duration, now),
+        }
+    }
+
+    /// Whether host `h`'s CPU stayed under `threshold` % for the whole
+    /// `duration` (same answer as [`load::cpu_under`]).
+    pub(crate) fn cpu_under(
+        &self,
+        h: usize,
+        threshold: u32,
+        duration: Duration,
+        now: Timestamp,
+    ) -> bool {
+        match self.hot.window_extremes(h, duration, now) {
+            Some(w) => w.is_some_and(|(_, max)| max < f64::from(threshold)),
+            None => load::cpu_under(&self.hosts[h], threshold, duration, now),
+        }
     }
 
     /// Whether the host is source or target of a migration in flight.

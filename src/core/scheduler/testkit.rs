@@ -102,5 +102,6 @@ pub(crate) fn vm(id: &str, host: Option<&str>) -> VmInfo {
         placement: VmPlacement::default(),
         migratable: true,
         quarantined: false,
+        highly_available: false,
     }
 }

@@ -1,0 +1,179 @@
+//! Host health: Lease silence → `Host.status.phase`; a Fenced host's VMs
+//! are rebuilt elsewhere per the resilience policy, with `Evacuate`
+//! Migrations.
+//!
+//! Safety (a VM never runs on two hosts): the controller declares a host
+//! Fenced only after `evacuateAfter` of silence on its own clock, which is
+//! never more than the silence the host itself measures since its last
+//! renewal; `fenceAfter` is strictly shorter, and by then the host's
+//! watchdog has killed its QEMUs (whether or not its agent still runs).
+//! Only then are evacuations admitted. A fenced host returns to service
+//! only when its agent renews again and no longer runs any VM that the API
+//! places elsewhere. `docs/safety.md` has the whole argument.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use k8s_openapi::jiff::Timestamp as Jiff;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+
+use crate::api::vm::RunStrategy;
+use crate::api::{Host, HostPhase, Migration, MigrationSpec, MigrationType};
+use crate::core::policy::ResiliencePolicy;
+
+use super::health::{LeaseTracker, judge};
+use super::snapshot::host_phase;
+use super::{ControllerError, Ctx};
+
+/// Label on the Evacuate migrations the controller creates, naming the host.
+pub const EVACUATED_HOST_LABEL: &str = "ferry.dev/evacuated-host";
+
+fn api_phase(p: crate::core::scheduler::HostPhase) -> HostPhase {
+    use crate::core::scheduler::HostPhase as C;
+    match p {
+        C::Active => HostPhase::Active,
+        C::Maintenance => HostPhase::Maintenance,
+        C::Unreachable => HostPhase::Unreachable,
+        C::Fenced => HostPhase::Fenced,
+        C::Failed => HostPhase::Failed,
+    }
+}
+
+/// One pass over every host.
+pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
+    let now = Instant::now();
+    let cluster = ctx.cluster_policy();
+    let maintained: BTreeSet<String> = ctx
+        .maintenances
+        .state()
+        .iter()
+        .filter(|m| !m.spec.dry_run)
+        .map(|m| m.spec.host.clone())
+        .collect();
+    let leases = ctx.leases.state();
+    for host in ctx.hosts.state() {
+        let name = host.name_any();
+        let silence = {
+            let mut tracker = ctx.leases_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(lease) = leases.iter().find(|l| l.name_any() == name) {
+                let marker = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.renew_time.as_ref())
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default();
+                LeaseTracker::observe(&mut tracker, &name, &marker, now);
+            }
+            tracker.silence(&name, now)
+        };
+        let status = host.status.clone().unwrap_or_default();
+        // A returning agent has caught up when it runs no more VMs than the
+        // API places on it (it stops the ones rebuilt elsewhere first).
+        let placed_here = ctx
+            .vms
+            .state()
+            .iter()
+            .filter(|v| v.status.as_ref().and_then(|s| s.host.as_deref()) == Some(name.as_str()))
+            .filter(|v| v.spec.run_strategy == RunStrategy::Running)
+            .count();
+        let caught_up = status.vm_count as usize <= placed_here;
+        let lease_duration = ctx.config.lease_duration;
+        let judgement = judge(
+            host_phase(status.phase),
+            silence,
+            lease_duration,
+            cluster.resilience.evacuate_after,
+            maintained.contains(&name),
+            caught_up,
+        );
+        let phase = api_phase(judgement.phase);
+        if phase != status.phase {
+            tracing::warn!(host = %name, from = ?status.phase, to = ?phase, silence_s = silence.as_secs(), "host phase changes");
+            let api: Api<Host> = Api::all(ctx.client.clone());
+            let patch = serde_json::json!({"status": {"phase": phase}});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(ControllerError::api("writing the host phase"))?;
+        }
+        if phase == HostPhase::Fenced {
+            evacuate(ctx, &name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Create an Evacuate migration for every VM of a fenced host that its
+/// resilience policy rebuilds, unless one exists.
+async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
+    let migrations = ctx.migrations.state();
+    for vm in ctx.vms.state() {
+        let status = vm.status.clone().unwrap_or_default();
+        if status.host.as_deref() != Some(host) || vm.spec.run_strategy != RunStrategy::Running {
+            continue;
+        }
+        let namespace = vm.namespace().unwrap_or_default();
+        let (_, policy, _) = ctx.policy_for(Some(&vm), None);
+        let rebuild = match policy.resilience.policy {
+            ResiliencePolicy::MigrateAll => true,
+            ResiliencePolicy::MigrateHighlyAvailableOnly => vm.spec.highly_available,
+            ResiliencePolicy::DoNotMigrate => false,
+        };
+        if !rebuild {
+            continue;
+        }
+        let pending = migrations.iter().any(|m| {
+            m.namespace().as_deref() == Some(namespace.as_str())
+                && m.spec.vm_name == vm.name_any()
+                && m.spec.migration_type == MigrationType::Evacuate
+                && !m.status.as_ref().is_some_and(|s| {
+                    matches!(
+                        s.phase,
+                        crate::api::MigrationPhase::Failed
+                            | crate::api::MigrationPhase::Cancelled
+                            | crate::api::MigrationPhase::Succeeded
+                    )
+                })
+        });
+        let vm_id = super::snapshot::id(&namespace, &vm.name_any());
+        let mut recent = ctx.recent.lock().await;
+        recent.expire(Instant::now());
+        if pending || recent.evacuations.contains_key(&vm_id) {
+            continue;
+        }
+        recent.evacuations.insert(vm_id, Instant::now());
+        drop(recent);
+        let m = Migration {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}-evacuate-", vm.name_any())),
+                namespace: Some(namespace.clone()),
+                labels: Some([(EVACUATED_HOST_LABEL.to_string(), host.to_string())].into()),
+                annotations: Some(
+                    [(
+                        "ferry.dev/reason".to_string(),
+                        format!(
+                            "{host} was fenced at {}; resilience policy rebuilds this VM",
+                            Jiff::now()
+                        ),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: MigrationSpec {
+                vm_name: vm.name_any(),
+                migration_type: MigrationType::Evacuate,
+                target_host: None,
+                policy: None,
+                cancel: false,
+            },
+            status: None,
+        };
+        let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.create(&PostParams::default(), &m)
+            .await
+            .map_err(ControllerError::api("creating an evacuation"))?;
+        tracing::warn!(vm = %vm.name_any(), %host, "evacuation created");
+    }
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! The Migration reconciler: observe → `core::migration::decide` → act.
+//!
+//! One reconcile reads only the caches (and the scheduler's and the queue's
+//! answers when the decision asks for them), calls the pure decision, then
+//! carries out its actions: the status patch (the recorded state), the VM's
+//! `status.host` / `status.migration`, the finalizer, Events. It never
+//! depends on why it was triggered.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp as Jiff;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::migration::{RejectedHost, SchedulingDecision as ApiDecision};
+use crate::api::{AUTOMATIC_LABEL, MAINTENANCE_LABEL, Migration, MigrationType, VirtualMachine};
+use crate::core::admission::{self, ActiveMigration, Origin, QueuedMigration};
+use crate::core::migration::{
+    self as machine, Action, AdmissionOutcome, EventType as CoreEventType, HostHealth,
+    MigrationKind, Observation, PlacementOutcome, VmObservation,
+};
+use crate::core::policy::EffectivePolicy;
+use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
+use crate::core::time::Timestamp;
+
+use super::snapshot::{self, id};
+use super::status::{
+    self, phase_of, source_report, state_of, status_patch, target_report, to_core,
+};
+use super::{ControllerError, Ctx};
+
+/// The finalizer that lets a deleted Migration be cancelled first.
+pub const FINALIZER: &str = "ferry.dev/migration";
+
+/// Run the Migration controller until `shutdown`.
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let api = Api::<Migration>::all(ctx.client.clone());
+    let recorder = Arc::new(Recorder::new(
+        ctx.client.clone(),
+        Reporter {
+            controller: "ferry-controller".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    ));
+    let context = Arc::new((ctx, recorder));
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, context)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "migration reconcile");
+            }
+        })
+        .await;
+}
+
+type Context = (Arc<Ctx>, Arc<Recorder>);
+
+fn error_policy(_m: Arc<Migration>, e: &ControllerError, _ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(error = %e, reason = e.reason(), "migration reconcile failed; retrying");
+    Requeue::requeue(Duration::from_secs(2))
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_millis(Jiff::now().as_millisecond())
+}
+
+fn kind(t: MigrationType) -> MigrationKind {
+    match t {
+        MigrationType::Live => MigrationKind::Live,
+        MigrationType::Cold => MigrationKind::Cold,
+        MigrationType::Evacuate => MigrationKind::Evacuate,
+    }
+}
+
+fn health(ctx: &Ctx, host: Option<&str>) -> HostHealth {
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return HostHealth::Missing;
+    };
+    match ctx.hosts.state().into_iter().find(|h| h.name_any() == host) {
+        None => HostHealth::Missing,
+        Some(h) => match h.status.clone().unwrap_or_default().phase {
+            crate::api::HostPhase::Active | crate::api::HostPhase::Maintenance => HostHealth::Ready,
+            crate::api::HostPhase::Fenced => HostHealth::Fenced,
+            crate::api::HostPhase::Unreachable | crate::api::HostPhase::Failed => {
+                HostHealth::Unreachable
+            }
+        },
+    }
+}
+
+fn origin(m: &Migration) -> Origin {
+    if m.spec.migration_type == MigrationType::Evacuate {
+        Origin::Evacuation
+    } else if m.labels().contains_key(AUTOMATIC_LABEL) {
+        Origin::Balancing
+    } else if m.labels().contains_key(MAINTENANCE_LABEL) {
+        Origin::Maintenance
+    } else {
+        Origin::User
+    }
+}
+
+/// Most hosts a status lists by name; beyond, the summary counts them by
+/// reason (a decision over 10,000 hosts would not fit in an object).
+const MAX_REJECTED: usize = 50;
+
+/// The core's scheduling decision as the API records it.
+fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
+    let mut reason = d.summary();
+    if d.hosts.len() > MAX_REJECTED + 1 {
+        reason.push_str(&format!(
+            "; the first {MAX_REJECTED} other hosts are listed, by reason: {:?}",
+            d.rejections_by_reason()
+        ));
+    }
+    ApiDecision {
+        chosen: d.chosen.clone(),
+        policy: Some(format!("{:?}", d.policy)),
+        reason: Some(reason),
+        rejected: d
+            .hosts
+            .iter()
+            .filter_map(|h| match &h.verdict {
+                Verdict::Chosen(_) => None,
+                Verdict::ScoredLower(s) => Some(RejectedHost {
+                    host: h.host.to_string(),
+                    reason: "ScoredLower".into(),
+                    message: format!(
+                        "fits, but scored {:.1} (CPU {:.0}% → {:.0}%)",
+                        s.score, s.cpu_now, s.cpu_projected
+                    ),
+                }),
+                Verdict::Rejected(rs) => Some(RejectedHost {
+                    host: h.host.to_string(),
+                    reason: rs.first().map_or("Rejected", |r| r.reason()).to_string(),
+                    message: rs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                }),
+            })
+            .take(MAX_REJECTED)
+            .collect(),
+    }
+}
+
+/// Run the scheduler for this migration (under the scheduling lock).
+async fn place(
+    ctx: &Ctx,
+    m: &Migration,
+    key: &str,
+    vm_id: &str,
+    policy: &EffectivePolicy,
+) -> (PlacementOutcome, ApiDecision) {
+    let mut recent = ctx.recent.lock().await;
+    recent.expire(Instant::now());
+    let extra = recent
+        .targets
+        .iter()
+        .filter(|(k, _)| k.as_str() != key)
+        .map(|(k, (f, _))| (k.clone(), f.clone()))
+        .collect();
+    let snap = snapshot::build(
+        &ctx.hosts.state(),
+        &ctx.vms.state(),
+        &ctx.migrations.state(),
+        &extra,
+    );
+    let request = PlacementRequest {
+        vm: vm_id,
+        target: m.spec.target_host.as_deref(),
+        ignore_inbound_limit: true,
+    };
+    match scheduler::place(&snap, policy, &request, now()) {
+        Ok(d) => {
+            let api = api_decision(&d);
+            match &d.chosen {
+                Some(host) => {
+                    let source = ctx
+                        .vms
+                        .state()
+                        .into_iter()
+                        .find(|v| id(&v.namespace().unwrap_or_default(), &v.name_any()) == vm_id)
+                        .and_then(|v| v.status.clone().and_then(|s| s.host))
+                        .unwrap_or_default();
+                    recent.targets.insert(
+                        key.to_string(),
+                        (
+                            InFlight {
+                                vm: vm_id.to_string(),
+                                source,
+                                target: Some(host.clone()),
+                            },
+                            Instant::now(),
+                        ),
+                    );
+                    (PlacementOutcome::Chosen { host: host.clone() }, api)
+                }
+                None => (
+                    PlacementOutcome::NoHost {
+                        summary: d.summary(),
+                    },
+                    api,
+                ),
+            }
+        }
+        Err(e) => (
+            PlacementOutcome::NoHost {
+                summary: e.to_string(),
+            },
+            ApiDecision {
+                chosen: None,
+                policy: None,
+                reason: Some(e.to_string()),
+                rejected: Vec::new(),
+            },
+        ),
+    }
+}
+
+/// Ask the queue whether this migration may start (under the lock).
+async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutcome {
+    let mut recent = ctx.recent.lock().await;
+    recent.expire(Instant::now());
+    let cluster_of = |host: &str| {
+        ctx.hosts
+            .state()
+            .into_iter()
+            .find(|h| h.name_any() == host)
+            .map_or_else(|| "default".to_string(), |h| h.spec.cluster.clone())
+    };
+    let mut queue = Vec::new();
+    let mut active = Vec::new();
+    let mut seen_self = false;
+    for other in ctx.migrations.state() {
+        let namespace = other.namespace().unwrap_or_default();
+        let other_key = id(&namespace, &other.name_any());
+        let status = other.status.clone().unwrap_or_default();
+        let source = status.source_host.clone().unwrap_or_default();
+        let target = status.target_host.clone().unwrap_or_default();
+        let phase = if other_key == key {
+            seen_self = true;
+            crate::api::MigrationPhase::Queued
+        } else {
+            status.phase
+        };
+        let held = recent.admitted.contains_key(&other_key);
+        if phase == crate::api::MigrationPhase::Queued && !held {
+            queue.push(QueuedMigration {
+                name: other_key,
+                vm: id(&namespace, &other.spec.vm_name),
+                cluster: cluster_of(&source),
+                source,
+                target,
+                origin: origin(&other),
+                priority: 0,
+                queued_at: other
+                    .meta()
+                    .creation_timestamp
+                    .as_ref()
+                    .map(to_core)
+                    .unwrap_or_else(now),
+            });
+        } else if phase_of_in_flight(phase) || held {
+            active.push(ActiveMigration {
+                name: other_key,
+                vm: id(&namespace, &other.spec.vm_name),
+                cluster: cluster_of(&source),
+                source,
+                target,
+                origin: origin(&other),
+            });
+        }
+    }
+    if !seen_self {
+        return AdmissionOutcome::Waiting("the migration is not in the cache yet".into());
+    }
+    let plan = admission::admit(&queue, &active, &policy.limits);
+    if plan.admitted.iter().any(|n| n == key) {
+        recent.admitted.insert(key.to_string(), Instant::now());
+        AdmissionOutcome::Admitted
+    } else {
+        let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
+            || "waiting for a slot".to_string(),
+            |w| format!("#{} in the queue: {}", w.position, w.reason),
+        );
+        AdmissionOutcome::Waiting(why)
+    }
+}
+
+fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
+    use crate::api::MigrationPhase as P;
+    matches!(
+        p,
+        P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing
+    )
+}
+
+async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, ControllerError> {
+    let (ctx, recorder) = (&context.0, &context.1);
+    let namespace = m.namespace().unwrap_or_default();
+    let name = m.name_any();
+    let key = id(&namespace, &name);
+    let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = m.status.clone().unwrap_or_default();
+    let state = state_of(&status, now());
+    let deleted = m.metadata.deletion_timestamp.is_some();
+
+    if !deleted && !state.phase().is_terminal() && !m.finalizers().iter().any(|f| f == FINALIZER) {
+        let mut finalizers = m.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version()}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(ControllerError::api("adding the migration finalizer"))?;
+        return Ok(Requeue::requeue(Duration::ZERO));
+    }
+
+    let vm = ctx.vms.state().into_iter().find(|v| {
+        v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name
+    });
+    let (policy_name, policy, missing_policy) =
+        ctx.policy_for(vm.as_deref(), m.spec.policy.as_deref());
+    let vm_obs = match &vm {
+        None => VmObservation::Missing,
+        Some(v) => VmObservation::Present {
+            host: v.status.clone().and_then(|s| s.host),
+            migratable: v.spec.migratable,
+            unsafe_disk_cache: snapshot::unsafe_disk_cache(v),
+            memory: v.spec.memory.bytes(),
+        },
+    };
+    let vm_host = vm
+        .as_ref()
+        .and_then(|v| v.status.clone().and_then(|s| s.host));
+    let (source_name, target_name) = match state.hosts() {
+        Some((s, t)) => (Some(s.to_string()), Some(t.to_string())),
+        None => (vm_host.clone(), None),
+    };
+    let mut observation = Observation {
+        state: state.clone(),
+        kind: kind(m.spec.migration_type),
+        cancel_requested: m.spec.cancel,
+        deleted,
+        missing_policy,
+        vm: vm_obs,
+        source_health: health(ctx, source_name.as_deref()),
+        target_health: target_name.as_deref().map(|t| health(ctx, Some(t))),
+        placement: None,
+        admission: None,
+        target: target_report(&status),
+        source: source_report(&status, now()),
+    };
+    let vm_id = id(&namespace, &m.spec.vm_name);
+    let mut decision = machine::decide(&observation, &policy, now());
+    let mut scheduling = None;
+    // The decision may ask for the scheduler's or the queue's answer: give
+    // it and decide again (at most once each).
+    for _ in 0..2 {
+        if decision.actions.contains(&Action::ScheduleTarget) && observation.placement.is_none() {
+            let (outcome, api_decision) = place(ctx, &m, &key, &vm_id, &policy).await;
+            observation.placement = Some(outcome);
+            scheduling = Some(api_decision);
+        } else if decision.actions.contains(&Action::RequestAdmission)
+            && observation.admission.is_none()
+        {
+            observation.admission = Some(admit(ctx, &key, &policy).await);
+        } else {
+            break;
+        }
+        decision = machine::decide(&observation, &policy, now());
+    }
+
+    let changed_state = decision.next != state;
+    let previous_reason = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let changed_words =
+        previous_reason.as_ref() != Some(&(decision.reason.to_string(), decision.message.clone()));
+    let terminal_before = state.phase().is_terminal();
+    if (changed_state || changed_words || scheduling.is_some()) && !terminal_before {
+        let mut patch = status_patch(&status, &decision.next, decision.reason, &decision.message);
+        if let Some(s) = patch.get_mut("status").and_then(|s| s.as_object_mut()) {
+            if let Some(d) = &scheduling
+                && decision.actions.contains(&Action::StoreSchedulingDecision)
+            {
+                s.insert(
+                    "schedulingDecision".into(),
+                    serde_json::to_value(d).unwrap_or_default(),
+                );
+            }
+            if status.policy.is_none() {
+                s.insert("policy".into(), serde_json::json!(policy_name));
+            }
+            s.insert(
+                "observedGeneration".into(),
+                serde_json::json!(m.metadata.generation),
+            );
+        }
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(ControllerError::api("writing the migration status"))?;
+        if changed_state {
+            tracing::info!(
+                migration = %key,
+                vm = %m.spec.vm_name,
+                from = ?phase_of(&state),
+                to = ?phase_of(&decision.next),
+                reason = decision.reason,
+                "{}",
+                decision.message
+            );
+        }
+    }
+
+    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
+    for action in &decision.actions {
+        match action {
+            Action::SetVmMigrating => {
+                let patch = serde_json::json!({"status": {"migration": name}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::ClearVmMigration => {
+                if vm
+                    .as_ref()
+                    .and_then(|v| v.status.clone())
+                    .and_then(|s| s.migration)
+                    .as_deref()
+                    == Some(name.as_str())
+                {
+                    patch_vm(
+                        &vms,
+                        &m.spec.vm_name,
+                        &serde_json::json!({"status": {"migration": null}}),
+                    )
+                    .await?;
+                }
+            }
+            Action::SetVmHost { host } => {
+                // The commit point of a move: from here the VM's truth is the target.
+                let patch = serde_json::json!({"status": {"host": host}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::MarkVmFailed { message } => {
+                let patch = serde_json::json!({"status": {"phase": "Failed", "conditions": [{
+                    "type": "Ready", "status": "False", "reason": "PostCopyInterrupted", "message": message,
+                    "lastTransitionTime": status::to_api(now()),
+                }]}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::RemoveFinalizer => {
+                let finalizers: Vec<String> = m
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .cloned()
+                    .collect();
+                let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => {
+                        return Err(ControllerError::api("removing the migration finalizer")(e));
+                    }
+                }
+            }
+            Action::EmitEvent {
+                kind,
+                reason,
+                message,
+            } => {
+                let event = Event {
+                    type_: match kind {
+                        CoreEventType::Normal => EventType::Normal,
+                        CoreEventType::Warning => EventType::Warning,
+                    },
+                    reason: reason.to_string(),
+                    note: Some(message.chars().take(1000).collect()),
+                    action: format!("{:?}", phase_of(&decision.next)),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &m.object_ref(&())).await {
+                    tracing::debug!(error = %e, "publishing an event failed");
+                }
+            }
+            Action::ScheduleTarget
+            | Action::StoreSchedulingDecision
+            | Action::RequestAdmission
+            | Action::AssignTarget { .. }
+            | Action::PrepareTarget { .. }
+            | Action::StartTransfer { .. }
+            | Action::RequestAbort { .. } => {}
+        }
+    }
+    if decision.next.phase().is_terminal() {
+        let mut recent = ctx.recent.lock().await;
+        recent.targets.remove(&key);
+        recent.admitted.remove(&key);
+    }
+    Ok(match decision.requeue_after {
+        Some(d) if d.is_zero() => Requeue::requeue(Duration::from_millis(50)),
+        Some(d) => Requeue::requeue(d),
+        None => Requeue::await_change(),
+    })
+}
+
+async fn patch_vm(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), ControllerError> {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(ControllerError::api("updating the VM status")(e)),
+    }
+}
