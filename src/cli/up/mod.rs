@@ -4,7 +4,8 @@
 //!  lock DIR ─► check QEMU ─► API server (in process) ─► CRDs Established,
 //!  ferry-system, RBAC, MigrationPolicy "default" ─► network (root: one
 //!  namespace per host + bridge + forwarder) ─► CA and host certificates ─►
-//!  agents (children) ─► Hosts published ─► [--demo VMs] ─► "ready"
+//!  [--demo VMs, placed] ─► agents (children) ─► Hosts published ─►
+//!  controller (child) ─► "ready"
 //!        … Ctrl-C / SIGTERM …
 //!  agents stopped ─► their QEMUs and watchdogs stopped ─► namespaces and
 //!  links removed ─► API server stopped ─► lock released
@@ -14,9 +15,11 @@
 //! on it resumes the same cluster: same CA, tokens, objects, certificates
 //! and subnet; the VMs placed on a host are started again by its agent.
 //!
-//! The controller is not started yet: `ferry controller` does not exist in
-//! this tree. Until it does, VMs are placed by hand (`kubectl patch fvm …
-//! --subresource=status`) and Migrations stay Pending.
+//! The controller runs as a child (`ferry controller`) in the root
+//! namespace, with its own token; it marks Hosts Active or Unreachable from
+//! their Leases, places VMs without a host and runs Migrations. The demo
+//! VMs are placed round-robin by hand before the agents start, so they are
+//! spread across the hosts whatever the scheduling policy says.
 
 pub mod children;
 pub mod cluster;
@@ -41,6 +44,8 @@ pub const READY_LINE: &str = "ferry up: ready";
 const RELAY_PORT: u16 = 7443;
 /// How long agents get to publish their Host.
 const HOSTS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The agents' Lease duration, which the controller must be told too.
+const LEASE_DURATION: &str = "10s";
 /// How long a child gets after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -239,6 +244,9 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
     cluster::install_crds(&admin).await?;
     cluster::install_access(&admin).await?;
     cluster::install_default_policy(&admin).await?;
+    if args.demo {
+        cluster::install_demo(&admin, args.demo_vms, &hosts).await?;
+    }
 
     let use_netns = !args.no_netns && netns::available();
     // What the agents dial: the API server itself, or from the namespaces
@@ -319,6 +327,8 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             args.host_cpus.to_string(),
             "--renew-interval".into(),
             "1s".into(),
+            "--lease-duration".into(),
+            LEASE_DURATION.into(),
             "--fence-after".into(),
             args.fence_after.to_string(),
             "--qemu".into(),
@@ -349,10 +359,49 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             logs,
         });
     }
-    if args.demo {
-        cluster::install_demo(&admin, args.demo_vms, &hosts).await?;
-    }
+    start_controller(layout, &exe, &url, &ca_pem, &tokens, running)?;
     print_banner(args, layout, &url, running.network.as_ref());
+    Ok(())
+}
+
+/// Start `ferry controller` with the controller's token, in the root
+/// namespace (it reaches the API server on loopback).
+fn start_controller(
+    layout: &Layout,
+    exe: &std::path::Path,
+    url: &str,
+    ca_pem: &str,
+    tokens: &crate::apiserver::pki::Tokens,
+    running: &mut Running,
+) -> Result<(), UpError> {
+    let user = crate::apiserver::pki::CONTROLLER_USER;
+    let kubeconfig = layout.dir.join("controller.kubeconfig");
+    layout::write_private(
+        &kubeconfig,
+        &children::daemon_kubeconfig(
+            url,
+            ca_pem,
+            None,
+            user,
+            tokens.token_for(user).unwrap_or_default(),
+        ),
+    )?;
+    let args = vec![
+        "controller".to_string(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--lease-duration".into(),
+        LEASE_DURATION.into(),
+    ];
+    let child = Child::spawn(
+        "controller",
+        exe,
+        &args,
+        None,
+        layout.dir.join("controller.log"),
+        &layout.dir.join("controller.pid"),
+    )?;
+    running.children.push(child);
     Ok(())
 }
 
@@ -410,10 +459,11 @@ fn print_banner(args: &UpArgs, layout: &Layout, url: &str, net: Option<&netns::N
     println!("Try:");
     println!("  export KUBECONFIG={kc}");
     println!("  kubectl get hosts,fvm");
-    println!("  kubectl apply -f examples/vm-memtest.yaml");
-    println!(
-        "  kubectl patch fvm memtest-1 --subresource=status --type=merge -p '{{\"status\":{{\"host\":\"host-1\"}}}}'"
-    );
+    println!("  kubectl apply -f examples/vm-memtest.yaml      # placed by the controller");
+    if args.demo {
+        println!("  kubectl ferry migrate demo-1 --to host-2");
+    }
+    println!("  kubectl apply -f examples/migration-live-to-host.yaml");
     println!("  kubectl ferry status");
     println!("Logs: {}/hosts/host-N/agent.log", layout.dir.display());
     println!(
