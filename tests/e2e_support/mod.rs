@@ -309,22 +309,74 @@ impl Cluster {
     /// The pids of the QEMUs running for this cluster's hosts.
     pub fn qemu_pids(&self) -> Vec<i32> {
         let layout = Layout::at(self.dir.path());
-        let mut pids = Vec::new();
-        for host in layout.existing_hosts() {
-            let Ok(entries) = std::fs::read_dir(layout.state_dir(&host).join("vms")) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+        layout
+            .existing_hosts()
+            .iter()
+            .flat_map(|h| self.host_qemu_pids(h))
+            .collect()
+    }
+
+    /// The pids of the QEMUs running on `host`.
+    pub fn host_qemu_pids(&self, host: &str) -> Vec<i32> {
+        let layout = Layout::at(self.dir.path());
+        let Ok(entries) = std::fs::read_dir(layout.state_dir(host).join("vms")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                std::fs::read_to_string(e.path().join("qemu.pid"))
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok())
                     .filter(|p| ferry::agent::qemu::pid_alive(*p))
-                {
-                    pids.push(pid);
-                }
-            }
+            })
+            .collect()
+    }
+
+    /// Power loss of `host`: its agent, its fencing watchdog and its QEMUs
+    /// are killed at once (SIGKILL).
+    pub fn power_off(&self, host: &str) {
+        let layout = Layout::at(self.dir.path());
+        let state = layout.state_dir(host).to_string_lossy().into_owned();
+        let mut victims = self.host_qemu_pids(host);
+        if let Some(agent) = std::fs::read_to_string(layout.host_dir(host).join("agent.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            victims.push(agent);
         }
-        pids
+        victims.extend(
+            self.processes()
+                .into_iter()
+                .filter(|(_, cmd)| cmd.contains(" watchdog ") && cmd.contains(&state))
+                .map(|(pid, _)| pid),
+        );
+        for pid in victims {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// The network namespace of host `i` (1-based); root only.
+    pub fn namespace_of(&self, i: u32) -> String {
+        netns::namespace_name(&self.instance_id(), i)
+    }
+
+    /// Set the link of host `i`'s namespace down (cut off) or up.
+    pub fn set_link(&self, i: u32, up: bool) {
+        let ns = self.namespace_of(i);
+        let state = if up { "up" } else { "down" };
+        let out = Command::new("ip")
+            .args(["-n", &ns, "link", "set", "eth0", state])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip -n {ns} link set eth0 {state}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// This cluster's network namespaces and links that exist now.
