@@ -85,6 +85,25 @@ say "live-migrating demo-1 from $SOURCE to $TARGET while its guest keeps rewriti
 run kubectl ferry migrate demo-1 --to "$TARGET"
 run kubectl get fvm,mig
 
+# The guest checks every page of its memory against the pattern it wrote.
+verify_guest() {
+  local host sock
+  host=$(kubectl get fvm "$1" -o jsonpath='{.status.host}')
+  sock="$DATA_DIR/hosts/$host/state/vms/default.$1/serial.sock"
+  printf '%s on %s: ' "$1" "$host"
+  python3 - "$sock" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(60)
+s.sendall(b"verify\n")
+for line in s.makefile():
+    if line.startswith("VERIFY"):
+        print(line.strip())
+        sys.exit(0 if line.startswith("VERIFY OK") else 1)
+EOF
+}
+say "asking the guest to verify its memory on $TARGET"
+verify_guest demo-1
+
 if [ "$ONCE" = 1 ]; then
   say "stopping ferry up (--once)"
   stop_up
