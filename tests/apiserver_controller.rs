@@ -252,3 +252,55 @@ async fn component_tokens_are_authorized_by_rbac() {
     assert_eq!(code, 403, "{st}");
     assert_eq!(st["details"]["name"], "ferry-controller");
 }
+
+#[tokio::test]
+async fn recorded_events_show_as_core_events() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let s = TestServer::start().await;
+    let client = s.admin().await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferry-test".into(),
+            instance: None,
+        },
+    );
+    let reference = ObjectReference {
+        kind: Some("ConfigMap".into()),
+        api_version: Some("v1".into()),
+        name: Some("target".into()),
+        namespace: Some("default".into()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Tested".into(),
+        note: Some("it works".into()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &reference).await.unwrap();
+    // The same event again becomes a series (a merge patch of the stored one).
+    recorder.publish(&ev, &reference).await.unwrap();
+
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let list = core
+        .list(&kube::api::ListParams::default().fields("involvedObject.name=target,reason=Tested"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1, "{:?}", list.items);
+    let e = &list.items[0];
+    assert_eq!(e.message.as_deref(), Some("it works"));
+    assert_eq!(e.reporting_component.as_deref(), Some("ferry-test"));
+    assert_eq!(e.involved_object.kind.as_deref(), Some("ConfigMap"));
+    assert!(
+        e.series.as_ref().is_some_and(|s| s.count == Some(2)),
+        "{e:?}"
+    );
+    let none = core
+        .list(&kube::api::ListParams::default().fields("involvedObject.name=other"))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+}

@@ -27,9 +27,11 @@ async fn child_server_entry() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         let mut config = ferry::apiserver::ApiServerConfig::new(&dir);
         config.listen = "127.0.0.1:0".parse().unwrap();
-        let handle = ferry::apiserver::start(config).await.unwrap();
-        std::fs::write(Path::new(&dir).join("ready"), handle.url()).unwrap();
-        handle.wait().await;
+        ferry::apiserver::serve(config, |handle| {
+            std::fs::write(Path::new(&dir).join("ready"), handle.url()).unwrap();
+        })
+        .await
+        .unwrap();
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -251,4 +253,23 @@ async fn resume(api: &Api<ConfigMap>, from: &str, end_rv: u64) -> Option<BTreeMa
         }
     }
     Some(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_and_restarts_with_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, client) = spawn_server(tmp.path()).await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "kept"}})).unwrap();
+    api.create(&PostParams::default(), &cm).await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let (_child, client) = spawn_server(tmp.path()).await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    assert!(api.get("kept").await.is_ok());
 }

@@ -102,7 +102,7 @@ async fn kubectl_apply_get_patch_label_wait_delete() {
         dir: s.dir.path().to_path_buf(),
     };
     let crd = k.write("crd.yaml", CRD);
-    k.ok(&["apply", "--validate=false", "-f", &crd]).await;
+    k.ok(&["apply", "-f", &crd]).await;
     k.ok(&[
         "wait",
         "--for=condition=established",
@@ -111,9 +111,17 @@ async fn kubectl_apply_get_patch_label_wait_delete() {
     ])
     .await;
 
+    // explain reads the OpenAPI v3 document built from the CRD.
+    let explain = k.ok(&["explain", "widget.spec"]).await;
+    assert!(
+        explain.contains("What the widget should be.")
+            && explain.contains("How big the widget is."),
+        "{explain}"
+    );
+
     let w = k.write("w.yaml", &widget_yaml(3));
     assert!(
-        k.ok(&["apply", "--validate=false", "-f", &w])
+        k.ok(&["apply", "-f", &w])
             .await
             .contains("widget.test.ferry.dev/w1 created")
     );
@@ -124,11 +132,7 @@ async fn kubectl_apply_get_patch_label_wait_delete() {
 
     // Client-side apply of a change (a merge patch computed by kubectl).
     let w = k.write("w.yaml", &widget_yaml(4));
-    assert!(
-        k.ok(&["apply", "--validate=false", "-f", &w])
-            .await
-            .contains("configured")
-    );
+    assert!(k.ok(&["apply", "-f", &w]).await.contains("configured"));
     let yaml = k.ok(&["get", "widget", "w1", "-o", "yaml"]).await;
     let obj: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
     assert_eq!(obj["spec"]["size"], 4);
@@ -177,24 +181,23 @@ async fn kubectl_apply_get_patch_label_wait_delete() {
 
     // Invalid objects are refused with the field named.
     let bad = k.write("bad.yaml", &widget_yaml(-1).replace("w1", "w2"));
-    let (ok, _, err) = k.run(&["apply", "--validate=false", "-f", &bad]).await;
+    let (ok, _, err) = k.run(&["apply", "-f", &bad]).await;
     assert!(!ok);
     assert!(err.contains("spec.size"), "{err}");
 
+    // kubectl's default --validate=strict lets the server refuse unknown fields.
+    let unknown = k.write(
+        "unknown.yaml",
+        &widget_yaml(4).replace("color: red", "color: red, bogus: 1"),
+    );
+    let (ok, _, err) = k.run(&["apply", "-f", &unknown]).await;
+    assert!(!ok && err.contains("unknown field \"spec.bogus\""), "{err}");
+
     // Server-side apply: conflicts with the earlier patch, then force.
-    let (ok, _, err) = k
-        .run(&["apply", "--validate=false", "--server-side", "-f", &w])
-        .await;
+    let (ok, _, err) = k.run(&["apply", "--server-side", "-f", &w]).await;
     assert!(!ok && err.contains("conflict"), "{err}");
-    k.ok(&[
-        "apply",
-        "--validate=false",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        &w,
-    ])
-    .await;
+    k.ok(&["apply", "--server-side", "--force-conflicts", "-f", &w])
+        .await;
     assert_eq!(
         k.ok(&["get", "wd", "w1", "-o", "jsonpath={.spec.color}"])
             .await,
@@ -229,7 +232,7 @@ async fn kubectl_builtin_kinds_and_namespaces() {
         "objs.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: demo}\ndata: {a: b}\n---\napiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: l, namespace: demo}\nspec: {holderIdentity: me}\n",
     );
-    k.ok(&["apply", "--validate=false", "-f", &f]).await;
+    k.ok(&["apply", "-f", &f]).await;
     let cms = k.ok(&["get", "cm", "-n", "demo"]).await;
     assert!(
         cms.lines()
@@ -258,5 +261,130 @@ async fn kubectl_builtin_kinds_and_namespaces() {
     k.ok(&["delete", "namespace", "demo", "--wait", "--timeout=20s"])
         .await;
     let (ok, _, _) = k.run(&["get", "namespace", "demo"]).await;
+    assert!(!ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_generators_send_protobuf() {
+    let s = TestServer::start().await;
+    let k = Kubectl {
+        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
+        dir: s.dir.path().to_path_buf(),
+    };
+    k.ok(&["create", "namespace", "gen"]).await;
+    k.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "gen",
+        "--from-literal=a=b",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "gen",
+        "--from-literal=k=v",
+    ])
+    .await;
+    k.ok(&["create", "serviceaccount", "sa", "-n", "gen"]).await;
+    k.ok(&[
+        "create",
+        "role",
+        "r",
+        "-n",
+        "gen",
+        "--verb=get,list",
+        "--resource=leases",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "rb",
+        "-n",
+        "gen",
+        "--role=r",
+        "--user=alice",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "clusterrole",
+        "cr",
+        "--verb=get",
+        "--resource=namespaces",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "clusterrolebinding",
+        "crb",
+        "--clusterrole=cr",
+        "--group=devs",
+    ])
+    .await;
+    assert_eq!(
+        k.ok(&["get", "cm", "c", "-n", "gen", "-o", "jsonpath={.data.a}"])
+            .await,
+        "b"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "secret",
+            "s",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.data.k}"
+        ])
+        .await,
+        "dg=="
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "role",
+            "r",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.rules[0].verbs}"
+        ])
+        .await,
+        r#"["get","list"]"#
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "rolebinding",
+            "rb",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.subjects[0].name}"
+        ])
+        .await,
+        "alice"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "clusterrolebinding",
+            "crb",
+            "-o",
+            "jsonpath={.roleRef.name}"
+        ])
+        .await,
+        "cr"
+    );
+    k.ok(&["delete", "namespace", "gen", "--wait", "--timeout=20s"])
+        .await;
+    let (ok, _, _) = k.run(&["get", "namespace", "gen"]).await;
     assert!(!ok);
 }

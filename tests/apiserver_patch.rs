@@ -247,3 +247,47 @@ async fn tables_use_printer_columns() {
     assert_eq!(cols, ["Name", "Size"]);
     assert_eq!(t["rows"][0]["cells"], json!(["t", 7]));
 }
+
+#[tokio::test]
+async fn builtin_unknown_fields_and_invalid_crds() {
+    let s = TestServer::start().await;
+    let c = s.admin().await;
+    let cm = json!({"metadata": {"name": "u"}, "data": {"a": "b"}, "dataa": {"x": "y"}});
+    let (code, st) = post(&c, &format!("{CM}?fieldValidation=Strict"), cm.clone()).await;
+    assert_eq!(code, 400, "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field \"dataa\""),
+        "{st}"
+    );
+    let req = axum::http::Request::post(CM)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(cm.to_string().into_bytes()))
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let warning = resp
+        .headers()
+        .get("warning")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(warning.contains("unknown field \\\"dataa\\\""), "{warning}");
+
+    let mut crd = widget_crd();
+    crd["metadata"]["name"] = json!("wrong.name");
+    let (code, st) = post(
+        &c,
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        crd,
+    )
+    .await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (422, Some("Invalid")),
+        "{st}"
+    );
+}

@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod guest;
+pub mod machine;
 pub mod migrate;
 pub mod pki;
 pub mod qemu;

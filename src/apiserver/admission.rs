@@ -16,11 +16,12 @@ use axum::response::{IntoResponse, Response};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::{Value, json};
 
-use super::error::{ApiError, Cause};
+use super::error::ApiError;
 use super::http::ResourceRequest;
-use super::objmeta::{meta_str, subject};
+use super::objmeta::meta_str;
+use super::openapi;
 use super::resources::ResourceInfo;
-use super::schema::{AdmitOptions, FieldValidation, Validator};
+use super::schema::{self, AdmitOptions, FieldValidation, Validator};
 use super::table::{self, IncludeObjectPolicy};
 
 /// The `fieldValidation` query parameter (default `Warn`, as the server's).
@@ -35,46 +36,46 @@ pub fn field_validation(rr: &ResourceRequest) -> Result<FieldValidation, ApiErro
     }
 }
 
-fn check_crd_schemas(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
+fn check_crd(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
     let crd: CustomResourceDefinition = serde_json::from_value(obj.clone()).map_err(|e| {
         ApiError::bad_request(format!(
             "CustomResourceDefinition in version \"v1\" cannot be handled as a CustomResourceDefinition: {e}"
         ))
     })?;
     let name = crd.metadata.name.clone().unwrap_or_default();
-    let mut causes = Vec::new();
-    for (i, v) in crd.spec.versions.iter().enumerate() {
-        if let Err(e) = Validator::new(v) {
-            causes.push(Cause {
-                reason: "FieldValueInvalid".into(),
-                message: format!("Invalid value: {e}"),
-                field: format!("spec.versions[{i}].schema.openAPIV3Schema"),
-            });
+    let mut errs = schema::validate_crd(&crd);
+    if errs.is_empty() {
+        // Schemas the validator cannot compile (a CEL rule, a pattern) would
+        // make the CRD unservable: refuse them now.
+        for (i, v) in crd.spec.versions.iter().enumerate() {
+            if let Err(e) = Validator::new(v) {
+                errs.push(schema::FieldError::invalid(
+                    &format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                    Value::Null,
+                    e.to_string(),
+                ));
+            }
         }
     }
-    if !crd.spec.versions.iter().any(|v| v.storage) {
-        causes.push(Cause {
-            reason: "FieldValueInvalid".into(),
-            message: "Invalid value: must have exactly one version marked as storage version"
-                .into(),
-            field: "spec.versions".into(),
-        });
-    }
-    let expected = format!("{}.{}", crd.spec.names.plural, crd.spec.group);
-    if name != expected {
-        causes.push(Cause {
-            reason: "FieldValueInvalid".into(),
-            message: format!(
-                "Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"
-            ),
-            field: "metadata.name".into(),
-        });
-    }
-    if causes.is_empty() {
+    if errs.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(&info.kind, &subject(info, &name), causes))
+        Err(ApiError::from_status(schema::invalid_status(
+            &info.group,
+            &info.kind,
+            &name,
+            &errs,
+        )))
     }
+}
+
+/// Unknown fields of a built-in object, by its OpenAPI schema.
+fn builtin_unknown_fields(info: &ResourceInfo, obj: &Value) -> Vec<String> {
+    super::discovery::builtin_openapi()
+        .iter()
+        .find(|r| r.group == info.group && r.version == info.version && r.kind == info.kind)
+        .map(|r| openapi::unknown_fields(r, obj))
+        .unwrap_or_default()
 }
 
 /// Check `obj` (and, for custom resources, prune and default it) before it
@@ -94,8 +95,22 @@ pub fn admit(
             info.kind, info.version, info.kind
         )));
     }
+    let mut warnings = Vec::new();
+    if info.decoder.is_some() && fv != FieldValidation::Ignore {
+        let unknown = builtin_unknown_fields(info, obj);
+        if !unknown.is_empty() {
+            if fv == FieldValidation::Strict {
+                return Err(ApiError::from_status(schema::strict_decoding_status(
+                    &info.kind,
+                    &info.version,
+                    &unknown,
+                )));
+            }
+            warnings.extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+        }
+    }
     if info.group == "apiextensions.k8s.io" && info.plural == "customresourcedefinitions" {
-        check_crd_schemas(info, obj)?;
+        check_crd(info, obj)?;
     }
     if let Some(validator) = &info.validator {
         let opts = AdmitOptions {
@@ -114,7 +129,7 @@ pub fn admit(
             }
         };
     }
-    Ok(Vec::new())
+    Ok(warnings)
 }
 
 fn with_warnings(mut resp: Response, warnings: &[String]) -> Response {

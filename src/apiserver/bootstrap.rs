@@ -17,7 +17,7 @@ pub fn ensure(store: &Store, registry: &Registry) -> Result<(), StoreError> {
     for ns in SYSTEM_NAMESPACES {
         let key = store::key("", "namespaces", "", ns);
         store
-            .mutate::<()>(&key, |cur| {
+            .mutate::<()>(&key, move |cur| {
                 if cur.is_some() {
                     return Ok(Mutation::Unchanged);
                 }

@@ -21,7 +21,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::crud::{self, CRD_CLEANUP_FINALIZER, DeleteOptions};
+use super::crud::{self, CRD_CLEANUP_FINALIZER};
+use super::delete::{self, DeleteOptions};
 use super::error::ApiError;
 use super::http::ApiState;
 use super::objmeta;
@@ -30,6 +31,9 @@ use super::store::{self, Mutation};
 
 /// A periodic pass even without writes, to pick up anything a wake missed.
 const RESYNC: Duration = Duration::from_secs(2);
+/// How long a wake waits for more writes before the pass: each pass scans
+/// every object, so a burst should cost one pass, not one per write.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Run until `cancel`.
 pub async fn run(state: ApiState, cancel: CancellationToken) {
@@ -40,7 +44,10 @@ pub async fn run(state: ApiState, cancel: CancellationToken) {
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = state.wake.notified() => {}
+            _ = state.wake.notified() => {
+                // Let a burst of writes land so one pass covers them all.
+                tokio::time::sleep(DEBOUNCE).await;
+            }
             _ = tokio::time::sleep(RESYNC) => {}
         }
     }
@@ -52,12 +59,13 @@ async fn pass(state: &ApiState, installed: &mut HashMap<String, String>) -> Resu
     garbage_collect(state).await
 }
 
+/// A resource stored under `group/plural` (the storage group).
 fn info_for(state: &ApiState, group: &str, plural: &str) -> Option<Arc<ResourceInfo>> {
     state
         .registry
         .all()
         .into_iter()
-        .find(|r| r.group == group && r.plural == plural)
+        .find(|r| r.storage_group == group && r.group == group && r.plural == plural)
 }
 
 async fn delete_key(
@@ -66,7 +74,7 @@ async fn delete_key(
     key: String,
 ) -> Result<(), ApiError> {
     crud::mutate(state, key, false, move |cur| match cur {
-        Some(old) => crud::delete_decision(&info, old, &DeleteOptions::default()),
+        Some(old) => delete::delete_decision(&info, old, &DeleteOptions::default()),
         None => Ok(Mutation::Unchanged),
     })
     .await
@@ -132,6 +140,19 @@ async fn crds(state: &ApiState, installed: &mut HashMap<String, String>) -> Resu
             continue;
         }
         if !crate::apiserver::bootstrap::established(&crd) {
+            // Serve first, then say so: a client that sees Established
+            // must find the resources.
+            let parsed = match serde_json::from_value::<CustomResourceDefinition>((*crd).clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(crd = %name, error = %e, "stored CRD does not decode");
+                    continue;
+                }
+            };
+            if let Err(e) = state.registry.install_crd(&parsed) {
+                tracing::warn!(crd = %name, error = %e, "CRD cannot be served");
+                continue;
+            }
             let names = crd
                 .pointer("/spec/names")
                 .cloned()
@@ -155,7 +176,7 @@ async fn crds(state: &ApiState, installed: &mut HashMap<String, String>) -> Resu
                 Ok(crud::finish(old, new))
             })
             .await?;
-            // The write wakes the next pass, which installs it.
+            // The write wakes the next pass, which records the installed version.
             continue;
         }
         let rv = objmeta::meta_str(&crd, "resourceVersion")
@@ -192,7 +213,7 @@ async fn namespaces(state: &ApiState) -> Result<(), ApiError> {
         .all()
         .into_iter()
         .filter(|r| r.namespaced)
-        .map(|r| ((r.group.clone(), r.plural.clone()), r))
+        .map(|r| ((r.storage_group.clone(), r.plural.clone()), r))
         .collect();
     for (key, ns) in nss.into_iter().filter(|(_, n)| objmeta::is_deleting(n)) {
         let name = objmeta::meta_str(&ns, "name").unwrap_or("").to_string();

@@ -1,6 +1,6 @@
 //! The verbs on objects: get, list, create, update (main resource and
-//! `/status`), delete and deletecollection. Patch lives in [`super::patching`]
-//! and watch in [`super::watch`].
+//! `/status`). Delete lives in [`super::delete`], patch in
+//! [`super::patching`] and watch in [`super::watch`].
 //!
 //! Every write is one [`Store::mutate`](super::store::Store::mutate): the
 //! preconditions (resourceVersion, uid, existence) are checked against the
@@ -15,12 +15,12 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, Cause};
-use super::http::{ApiState, ResourceRequest, json_response};
+use super::http::{ApiState, ResourceRequest};
 use super::objmeta::{self, meta_str, present, subject};
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{self, EventType, Mutation, Outcome};
-use super::{admission, patching};
+use super::{admission, convert, patching};
 
 /// The finalizer the real server puts on CRDs so their objects are removed
 /// before the CRD goes.
@@ -28,10 +28,11 @@ pub const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s
 
 /// The storage key of the request's object.
 pub fn object_key(rr: &ResourceRequest, name: &str) -> String {
-    store::key(&rr.info.group, &rr.info.plural, &rr.namespace, name)
+    rr.info.key(&rr.namespace, name)
 }
 
-fn require_name(rr: &ResourceRequest) -> Result<String, ApiError> {
+/// The object name of a request on a single object.
+pub fn require_name(rr: &ResourceRequest) -> Result<String, ApiError> {
     let name = rr.name.clone().ok_or_else(ApiError::no_route)?;
     if rr.info.namespaced && rr.namespace.is_empty() {
         return Err(ApiError::no_route());
@@ -101,12 +102,50 @@ struct ContinueToken {
     start: String,
 }
 
+/// The field selectors a resource supports beyond `metadata.name` and
+/// `metadata.namespace` (those `kubectl describe` and event tooling use).
+fn extra_fields(info: &ResourceInfo) -> &'static [&'static str] {
+    match (info.group.as_str(), info.plural.as_str()) {
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        ("events.k8s.io", "events") => &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "regarding.apiVersion",
+            "regarding.resourceVersion",
+            "regarding.fieldPath",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+        ("", "secrets") => &["type"],
+        ("", "namespaces") => &["status.phase"],
+        _ => &[],
+    }
+}
+
 /// Parsed `labelSelector` and `fieldSelector`.
 pub fn selectors(rr: &ResourceRequest) -> Result<(LabelSelector, FieldSelector), ApiError> {
     let labels = LabelSelector::parse(rr.param("labelSelector").unwrap_or(""))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let fields = FieldSelector::parse(rr.param("fieldSelector").unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse_with(
+        rr.param("fieldSelector").unwrap_or(""),
+        extra_fields(&rr.info),
+    )
+    .map_err(ApiError::bad_request)?;
     Ok((labels, fields))
 }
 
@@ -132,7 +171,7 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
         }
         None => None,
     };
-    let prefix = store::prefix(&rr.info.group, &rr.info.plural, &rr.namespace);
+    let prefix = rr.info.prefix(&rr.namespace);
     let (all, snapshot_rv) = state
         .store
         .list(&prefix, token.as_ref().map(|t| t.start.as_str()));
@@ -140,8 +179,9 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
     let mut items = Vec::new();
     let mut more = false;
     let mut remaining = 0usize;
-    for (key, obj) in &all {
-        if !(labels.matches(obj) && fields.matches(obj)) {
+    for (key, stored) in &all {
+        let obj = present(&rr.info, stored);
+        if !(labels.matches(&obj) && fields.matches(&obj)) {
             continue;
         }
         if limit > 0 && items.len() == limit {
@@ -149,7 +189,7 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
             remaining += 1;
             continue;
         }
-        items.push((key.clone(), present(&rr.info, obj)));
+        items.push((key.clone(), obj));
     }
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if more && let Some((last, _)) = items.last() {
@@ -322,13 +362,13 @@ pub async fn create(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
         ));
     }
     let info = rr.info.clone();
-    objmeta::check_content_type(&rr.headers)?;
-    let mut obj = objmeta::parse_object(&rr.body)?;
+    let mut obj = objmeta::decode_body(&rr.headers, &rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let name = prepare_create(&info, &mut obj, &rr.namespace)?;
     namespace_gate(state, &info, &rr.namespace, &name)?;
     let warnings = admission::admit(&info, &rr, &mut obj, None)?;
     patching::track(&info, &rr, None, &mut obj);
+    let obj = convert::to_storage(&info, obj);
     let key = object_key(&rr, &name);
     let subj = subject(&info, &name);
     let out = mutate(state, key, rr.dry_run(), move |cur| match cur {
@@ -505,8 +545,7 @@ pub fn finish(old: &Value, new: Value) -> Mutation {
 pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, ApiError> {
     let name = require_name(&rr)?;
     let info = rr.info.clone();
-    objmeta::check_content_type(&rr.headers)?;
-    let mut obj = objmeta::parse_object(&rr.body)?;
+    let mut obj = objmeta::decode_body(&rr.headers, &rr.body)?;
     objmeta::check_type(&info, &mut obj)?;
     let body_name = meta_str(&obj, "name").unwrap_or("");
     if !body_name.is_empty() && body_name != name {
@@ -530,8 +569,10 @@ pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     let out = mutate(state, key, rr.dry_run(), move |cur| {
         let old = cur.ok_or_else(|| ApiError::not_found(&subject(&rr2.info, &name)))?;
         let mut w = Vec::new();
-        let mut new = apply_update(&rr2.info, &rr2, old, obj, &mut w)?;
-        patching::track(&rr2.info, &rr2, Some(old), &mut new);
+        let old_view = present(&rr2.info, old);
+        let mut new = apply_update(&rr2.info, &rr2, &old_view, obj, &mut w)?;
+        patching::track(&rr2.info, &rr2, Some(&old_view), &mut new);
+        let new = convert::to_storage(&rr2.info, new);
         if let Ok(mut g) = w2.lock() {
             g.extend(w);
         }
@@ -547,167 +588,5 @@ pub async fn update(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
         StatusCode::OK,
         present(&info, &obj),
         &warnings,
-    ))
-}
-
-/// Delete options from the body and query.
-#[derive(Default, Clone)]
-pub struct DeleteOptions {
-    /// `Foreground`, `Background` or `Orphan`.
-    pub propagation: Option<String>,
-    /// Precondition on uid.
-    pub uid: Option<String>,
-    /// Precondition on resourceVersion.
-    pub resource_version: Option<String>,
-}
-
-impl DeleteOptions {
-    fn from_request(rr: &ResourceRequest) -> Result<Self, ApiError> {
-        let body: Value = if rr.body.is_empty() {
-            json!({})
-        } else {
-            serde_json::from_slice(&rr.body)
-                .map_err(|e| ApiError::bad_request(format!("decoding DeleteOptions: {e}")))?
-        };
-        let mut propagation = body["propagationPolicy"]
-            .as_str()
-            .or(rr.param("propagationPolicy"))
-            .map(String::from);
-        if propagation.is_none() && body["orphanDependents"] == json!(true) {
-            propagation = Some("Orphan".into());
-        }
-        if let Some(p) = &propagation
-            && !matches!(p.as_str(), "Foreground" | "Background" | "Orphan")
-        {
-            return Err(ApiError::bad_request(format!(
-                "propagationPolicy: Unsupported value: {p:?}: supported values: \"Foreground\", \"Background\", \"Orphan\""
-            )));
-        }
-        Ok(Self {
-            propagation,
-            uid: body
-                .pointer("/preconditions/uid")
-                .and_then(Value::as_str)
-                .map(String::from),
-            resource_version: body
-                .pointer("/preconditions/resourceVersion")
-                .and_then(Value::as_str)
-                .map(String::from),
-        })
-    }
-}
-
-/// The deletion decision for one object: remove it now, or mark it deleting
-/// and leave the rest to its finalizers.
-pub fn delete_decision(
-    info: &ResourceInfo,
-    old: &Value,
-    opts: &DeleteOptions,
-) -> Result<Mutation, ApiError> {
-    let name = meta_str(old, "name").unwrap_or("");
-    let subj = subject(info, name);
-    if let Some(uid) = &opts.uid
-        && Some(uid.as_str()) != meta_str(old, "uid")
-    {
-        return Err(ApiError::conflict(
-            &subj,
-            &format!(
-                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                meta_str(old, "uid").unwrap_or("")
-            ),
-        ));
-    }
-    if let Some(rv) = &opts.resource_version
-        && Some(rv.as_str()) != meta_str(old, "resourceVersion")
-    {
-        return Err(ApiError::conflict(
-            &subj,
-            &format!(
-                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                meta_str(old, "resourceVersion").unwrap_or("")
-            ),
-        ));
-    }
-    let mut fins = objmeta::finalizers(old);
-    let deleting = objmeta::is_deleting(old);
-    if !deleting {
-        match opts.propagation.as_deref() {
-            Some("Foreground") if !fins.iter().any(|f| f == "foregroundDeletion") => {
-                fins.push("foregroundDeletion".into())
-            }
-            Some("Orphan") if !fins.iter().any(|f| f == "orphan") => fins.push("orphan".into()),
-            _ => {}
-        }
-    }
-    let is_namespace = info.group.is_empty() && info.plural == "namespaces";
-    if fins.is_empty() && !is_namespace {
-        return Ok(Mutation::Delete);
-    }
-    if deleting {
-        return Ok(Mutation::Unchanged);
-    }
-    let mut new = old.clone();
-    new["metadata"]["deletionTimestamp"] = json!(objmeta::now());
-    new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-    if !fins.is_empty() {
-        new["metadata"]["finalizers"] = json!(fins);
-    }
-    if is_namespace {
-        new["status"]["phase"] = json!("Terminating");
-    }
-    Ok(Mutation::Put(new))
-}
-
-/// `DELETE .../NAME`.
-pub async fn delete(state: &ApiState, rr: ResourceRequest) -> Result<Response, ApiError> {
-    let name = require_name(&rr)?;
-    let opts = DeleteOptions::from_request(&rr)?;
-    let info = rr.info.clone();
-    let key = object_key(&rr, &name);
-    let info2 = info.clone();
-    let out = mutate(state, key, rr.dry_run(), move |cur| {
-        let old = cur.ok_or_else(|| ApiError::not_found(&subject(&info2, &name)))?;
-        delete_decision(&info2, old, &opts)
-    })
-    .await?;
-    let obj = out
-        .object
-        .ok_or_else(|| ApiError::internal("delete found nothing"))?;
-    Ok(json_response(StatusCode::OK, &present(&info, &obj)))
-}
-
-/// `DELETE` on a collection.
-pub async fn delete_collection(
-    state: &ApiState,
-    rr: ResourceRequest,
-) -> Result<Response, ApiError> {
-    let (labels, fields) = selectors(&rr)?;
-    let opts = DeleteOptions::from_request(&rr)?;
-    let prefix = store::prefix(&rr.info.group, &rr.info.plural, &rr.namespace);
-    let (all, _) = state.store.list(&prefix, None);
-    let mut deleted = Vec::new();
-    for (key, obj) in all {
-        if !(labels.matches(&obj) && fields.matches(&obj)) {
-            continue;
-        }
-        let info = rr.info.clone();
-        let opts = opts.clone();
-        let out = mutate(state, key, rr.dry_run(), move |cur| match cur {
-            Some(old) => delete_decision(&info, old, &opts),
-            None => Ok(Mutation::Unchanged),
-        })
-        .await?;
-        if let Some(o) = out.object {
-            deleted.push(present(&rr.info, &o));
-        }
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "kind": format!("{}List", rr.info.kind),
-            "apiVersion": rr.info.api_version(),
-            "metadata": {"resourceVersion": state.store.current_rv().to_string()},
-            "items": deleted,
-        }),
     ))
 }

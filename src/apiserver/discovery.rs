@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::http::{ApiState, json_response};
-use super::resources::ResourceInfo;
+use super::openapi::{self, crd_resources};
+use super::resources::{CRD_GROUP, ResourceInfo};
+use super::store;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// The Kubernetes version this server reports: within kubectl 1.37's
 /// supported skew, so kubectl does not warn.
@@ -250,11 +253,46 @@ pub fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Res
     ))
 }
 
-/// `/openapi/...`: not served until the OpenAPI documents are built from
-/// the registry; kubectl then falls back as it does for any server without
-/// them (`--validate=false` is needed for client-side validation).
-pub fn openapi(_state: &ApiState, _rest: &[&str]) -> Result<Response, ApiError> {
-    Err(ApiError::no_route())
+/// The built-in kinds' OpenAPI resources, generated once (schemars).
+pub(crate) fn builtin_openapi() -> &'static [openapi::ApiResource] {
+    static BUILTIN: std::sync::OnceLock<Vec<openapi::ApiResource>> = std::sync::OnceLock::new();
+    BUILTIN.get_or_init(openapi::builtin_resources)
+}
+
+/// Everything served, as OpenAPI resources: the built-in kinds and the
+/// versions of every CRD the registry currently serves.
+fn openapi_resources(state: &ApiState) -> Vec<openapi::ApiResource> {
+    let mut out = builtin_openapi().to_vec();
+    let (crds, _) = state.store.list(
+        &store::prefix(CRD_GROUP, "customresourcedefinitions", ""),
+        None,
+    );
+    for (_, crd) in crds {
+        let Ok(crd) = serde_json::from_value::<CustomResourceDefinition>((*crd).clone()) else {
+            continue;
+        };
+        out.extend(crd_resources(&crd).into_iter().filter(|r| {
+            state
+                .registry
+                .get(&r.group, &r.version, &r.plural)
+                .is_some()
+        }));
+    }
+    out
+}
+
+/// `/openapi/v2`, `/openapi/v3` and `/openapi/v3/{api/v1|apis/G/V}`.
+pub fn openapi(state: &ApiState, rest: &[&str]) -> Result<Response, ApiError> {
+    let resources = openapi_resources(state);
+    let doc = match rest {
+        ["v2"] => openapi::v2(&resources),
+        ["v3"] => openapi::v3_index(&resources),
+        ["v3", gv @ ..] => {
+            openapi::v3_group_version(&resources, &gv.join("/")).ok_or_else(ApiError::no_route)?
+        }
+        _ => return Err(ApiError::no_route()),
+    };
+    Ok(json_response(StatusCode::OK, &doc))
 }
 
 #[cfg(test)]

@@ -189,6 +189,15 @@ impl ApiError {
             ),
         )
     }
+    /// 415 for a body in a supported media type that this server cannot
+    /// decode (a protobuf kind or field it has no table for).
+    pub fn unsupported_media_type_because(content_type: &str, why: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request in {content_type} could not be decoded: {why}"),
+        )
+    }
     /// 406 for an Accept header the server cannot satisfy.
     pub fn not_acceptable(accept: &str) -> Self {
         Self::new(

@@ -204,8 +204,8 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
         "create" => crud::create(&state, rr).await,
         "update" => crud::update(&state, rr).await,
         "patch" => super::patching::patch(&state, rr).await,
-        "delete" => crud::delete(&state, rr).await,
-        "deletecollection" => crud::delete_collection(&state, rr).await,
+        "delete" => super::delete::delete(&state, rr).await,
+        "deletecollection" => super::delete::delete_collection(&state, rr).await,
         _ => Err(ApiError::method_not_allowed(
             "the server does not allow this method on the requested resource",
         )),

@@ -21,7 +21,9 @@
 pub mod admission;
 pub mod bootstrap;
 pub mod controllers;
+pub mod convert;
 pub mod crud;
+pub mod delete;
 pub mod discovery;
 pub mod error;
 pub mod http;
@@ -30,6 +32,7 @@ pub mod openapi;
 pub mod patch;
 pub mod patching;
 pub mod pki;
+pub mod protobuf;
 pub mod rbac;
 pub mod resources;
 pub mod schema;
@@ -40,4 +43,4 @@ pub mod table;
 pub mod watch;
 
 pub use error::ApiError;
-pub use server::{ApiServerConfig, ApiServerError, ApiServerHandle, start};
+pub use server::{ApiServerConfig, ApiServerError, ApiServerHandle, serve, start};

@@ -74,7 +74,7 @@ pub fn name_error(info: &ResourceInfo, name: &str) -> Option<Cause> {
 /// The object as served at `info`'s version (custom resources are stored
 /// once and served at every version with the `None` conversion strategy).
 pub fn present(info: &ResourceInfo, obj: &Value) -> Value {
-    let mut out = obj.clone();
+    let mut out = super::convert::from_storage(info, obj);
     if let Some(o) = out.as_object_mut() {
         o.insert("apiVersion".into(), json!(info.api_version()));
         o.insert("kind".into(), json!(info.kind));
@@ -145,16 +145,19 @@ pub fn bumps_generation(info: &ResourceInfo, old: &Value, new: &Value) -> bool {
     strip(old) != strip(new)
 }
 
-/// Refuse request bodies in encodings the server does not decode
-/// (protobuf, CBOR) with the real server's 415.
-pub fn check_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+/// Decode a request body by its content type: JSON, YAML, or — for the
+/// built-in kinds typed clients send that way — protobuf; anything else is
+/// the real server's 415.
+pub fn decode_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let base = ct.split(';').next().unwrap_or("").trim();
     match base {
-        "" | "application/json" | "application/yaml" | "*/*" => Ok(()),
+        "" | "application/json" | "application/yaml" | "*/*" => parse_object(body),
+        super::protobuf::MEDIA_TYPE => super::protobuf::decode_body(body)
+            .map_err(|e| ApiError::unsupported_media_type_because(ct, &e.to_string())),
         _ => Err(ApiError::unsupported_media_type(ct)),
     }
 }

@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::Value;
 
-use super::admission;
 use super::crud::{self, object_key};
 use super::error::ApiError;
 use super::http::{ApiState, ResourceRequest};
@@ -20,6 +19,7 @@ use super::patch::{
 };
 use super::resources::ResourceInfo;
 use super::store::Mutation;
+use super::{admission, convert};
 
 enum Kind {
     Json,
@@ -181,6 +181,7 @@ pub async fn patch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
                 obj["metadata"]["name"] = Value::String(name.clone());
                 crud::prepare_create(info, &mut obj, &rr.namespace)?;
                 w.extend(admission::admit(info, rr, &mut obj, None)?);
+                let obj = convert::to_storage(info, obj);
                 if let Ok(mut c) = c2.lock() {
                     *c = true;
                 }
@@ -204,11 +205,11 @@ pub async fn patch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
                 };
                 let mut patched = patched;
                 objmeta::check_type(info, &mut patched)?;
-                let mut new = crud::apply_update(info, rr, old, patched, &mut w)?;
+                let mut new = crud::apply_update(info, rr, &current, patched, &mut w)?;
                 if !matches!(kind, Kind::Apply) {
-                    track(info, rr, Some(old), &mut new);
+                    track(info, rr, Some(&current), &mut new);
                 }
-                crud::finish(old, new)
+                crud::finish(old, convert::to_storage(info, new))
             }
         };
         if let Ok(mut g) = w2.lock() {

@@ -41,6 +41,9 @@ pub struct ResourceInfo {
     pub decoder: Option<Decoder>,
     /// For custom resources: the CRD version this resource is served from.
     pub crd_version: Option<Arc<CustomResourceDefinitionVersion>>,
+    /// The group whose storage holds the objects (`""` for events.k8s.io
+    /// Events, stored with core Events); otherwise `group`.
+    pub storage_group: String,
     /// For custom resources: the storage version (objects are stored under it).
     pub storage_version: String,
     /// For custom resources: the compiled structural schema (None when the
@@ -58,6 +61,14 @@ impl ResourceInfo {
         } else {
             format!("{}/{}", self.group, self.version)
         }
+    }
+    /// The storage key of an object.
+    pub fn key(&self, namespace: &str, name: &str) -> String {
+        super::store::key(&self.storage_group, &self.plural, namespace, name)
+    }
+    /// The storage key prefix of a collection (`namespace` empty: all).
+    pub fn prefix(&self, namespace: &str) -> String {
+        super::store::prefix(&self.storage_group, &self.plural, namespace)
     }
     /// Whether this is a custom resource.
     pub fn is_custom(&self) -> bool {
@@ -319,6 +330,11 @@ impl Registry {
                     status_subresource: b.status,
                     decoder: Some(b.decoder),
                     crd_version: None,
+                    storage_group: if b.group == "events.k8s.io" {
+                        String::new()
+                    } else {
+                        b.group.into()
+                    },
                     storage_version: b.version.into(),
                     validator: None,
                     list_types: None,
@@ -410,6 +426,7 @@ impl Registry {
                 status_subresource: v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
                 decoder: None,
                 crd_version: Some(Arc::new(v.clone())),
+                storage_group: spec.group.clone(),
                 storage_version: storage.clone(),
                 validator: Some(validator),
                 list_types: Some(list_types),

@@ -169,9 +169,16 @@ impl LabelSelector {
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    /// Parse the `fieldSelector` query parameter; only `metadata.name` and
-    /// `metadata.namespace` are supported, as for custom resources.
+    /// Parse the `fieldSelector` query parameter; `metadata.name` and
+    /// `metadata.namespace` are supported everywhere (as for custom
+    /// resources), plus the kind-specific fields in `extra`
+    /// (`involvedObject.name` for Events, say).
     pub fn parse(s: &str) -> Result<Self, String> {
+        Self::parse_with(s, &[])
+    }
+
+    /// See [`FieldSelector::parse`].
+    pub fn parse_with(s: &str, extra: &[&str]) -> Result<Self, String> {
         let mut reqs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (field, eq, value) = if let Some((f, v)) = part.split_once("!=") {
@@ -186,23 +193,25 @@ impl FieldSelector {
                 ));
             };
             let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
+            if field != "metadata.name" && field != "metadata.namespace" && !extra.contains(&field)
+            {
                 return Err(format!("field label not supported: {field}"));
             }
-            reqs.push((field.to_string(), eq, value.trim().to_string()));
+            // Events' `source` selects on source.component.
+            let pointer = if field == "source" {
+                "/source/component".to_string()
+            } else {
+                format!("/{}", field.replace('.', "/"))
+            };
+            reqs.push((pointer, eq, value.trim().to_string()));
         }
         Ok(Self(reqs))
     }
 
     /// Whether the object satisfies the selector.
     pub fn matches(&self, obj: &Value) -> bool {
-        self.0.iter().all(|(field, eq, value)| {
-            let ptr = if field == "metadata.name" {
-                "/metadata/name"
-            } else {
-                "/metadata/namespace"
-            };
-            let actual = obj.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+        self.0.iter().all(|(pointer, eq, value)| {
+            let actual = obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");
             (actual == value) == *eq
         })
     }
@@ -258,5 +267,17 @@ mod tests {
                 .matches(&o)
         );
         assert!(FieldSelector::parse("spec.nodeName=a").is_err());
+        let ev = json!({"involvedObject": {"name": "vm1"}, "source": {"component": "ferry"}});
+        let extra = ["involvedObject.name", "source"];
+        assert!(
+            FieldSelector::parse_with("involvedObject.name=vm1,source=ferry", &extra)
+                .unwrap()
+                .matches(&ev)
+        );
+        assert!(
+            !FieldSelector::parse_with("involvedObject.name=vm2", &extra)
+                .unwrap()
+                .matches(&ev)
+        );
     }
 }

@@ -76,6 +76,12 @@ pub enum ApiServerError {
     /// The TLS configuration was rejected.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {source}")]
+    Signal {
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A kube client could not be built.
     #[error("building a client: {0}")]
     Client(String),
@@ -182,6 +188,27 @@ fn tls_config(creds: &pki::Credentials) -> Result<rustls::ServerConfig, ApiServe
     .map_err(|e| tls(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Run the server until SIGINT or SIGTERM, then shut down gracefully: what
+/// `ferry apiserver --data-dir DIR [--listen ADDR]` does. `on_ready` is
+/// called with the running handle (to print the kubeconfig path, say).
+pub async fn serve(
+    config: ApiServerConfig,
+    on_ready: impl FnOnce(&ApiServerHandle),
+) -> Result<(), ApiServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| ApiServerError::Signal { source })?;
+    let handle = start(config).await?;
+    on_ready(&handle);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("apiserver shutting down");
+    handle.shutdown().await;
+    Ok(())
 }
 
 /// Start the server; it runs until the handle is shut down or dropped.

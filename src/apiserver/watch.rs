@@ -33,7 +33,7 @@ use super::http::{ApiState, ResourceRequest};
 use super::objmeta::present;
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{self, Event, EventType};
+use super::store::{Event, EventType};
 
 /// How often an idle watch with `allowWatchBookmarks` gets a BOOKMARK.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,8 +52,9 @@ impl Filter {
     fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
     }
+    /// A line for an object already in the served shape.
     fn line(&self, kind: &str, obj: &Value) -> Bytes {
-        let mut s = json!({"type": kind, "object": present(&self.info, obj)}).to_string();
+        let mut s = json!({"type": kind, "object": obj}).to_string();
         s.push('\n');
         Bytes::from(s)
     }
@@ -62,8 +63,12 @@ impl Filter {
         if !ev.key.starts_with(&self.prefix) {
             return None;
         }
-        let now = self.matches(&ev.object);
-        let before = ev.old.as_deref().map(|o| self.matches(o));
+        let object = present(&self.info, &ev.object);
+        let now = self.matches(&object);
+        let before = ev
+            .old
+            .as_deref()
+            .map(|o| self.matches(&present(&self.info, o)));
         let kind = match ev.kind {
             EventType::Added => now.then_some("ADDED"),
             EventType::Deleted => now.then_some("DELETED"),
@@ -74,7 +79,7 @@ impl Filter {
                 (false, false) => None,
             },
         }?;
-        Some(self.line(kind, &ev.object))
+        Some(self.line(kind, &object))
     }
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
         let mut meta = json!({"resourceVersion": rv.to_string()});
@@ -103,7 +108,7 @@ pub async fn watch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
             .map_err(ApiError::bad_request)?;
     }
     let filter = Filter {
-        prefix: store::prefix(&rr.info.group, &rr.info.plural, &rr.namespace),
+        prefix: rr.info.prefix(&rr.namespace),
         labels,
         fields,
         info: rr.info.clone(),
@@ -123,8 +128,11 @@ pub async fn watch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
     let mut first: Vec<Bytes> = Vec::new();
     let start_rv = if send_initial || rv_param.is_empty() || rv_param == "0" {
         let (items, rv) = state.store.list(&filter.prefix, None);
-        for (_, obj) in items.iter().filter(|(_, o)| filter.matches(o)) {
-            first.push(filter.line("ADDED", obj));
+        for (_, stored) in &items {
+            let obj = present(&filter.info, stored);
+            if filter.matches(&obj) {
+                first.push(filter.line("ADDED", &obj));
+            }
         }
         if send_initial {
             first.push(filter.bookmark(rv, true));

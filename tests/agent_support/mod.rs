@@ -77,3 +77,127 @@ pub fn state_dir(root: &Path, host: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::agent::guest::{self, GuestConfig, GuestConsole};
+use ferry::agent::migrate::{self, MigrationConfig};
+use ferry::agent::pki::{ClusterCa, HostIdentity, TlsSettings};
+use ferry::agent::qemu::QemuProcess;
+use ferry::agent::relay::{
+    ClientTransport, MigrationRef, MigrationTable, ServerTransport, SourceRelay, SourceRelayConfig,
+    TargetRelay,
+};
+use ferry::agent::vms::VmManager;
+
+/// QEMU-heavy tests take turns: two cores cannot run several TCG
+/// migrations at once without every one of them crawling.
+pub static QEMU_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A memtest guest's machine definition (identical on both sides).
+pub fn guest_vm(dir: &Path, name: &str, memory_mib: u32, config: &GuestConfig) -> MachineSpec {
+    let kernel = guest::install_kernel(dir).unwrap();
+    let mut spec = MachineSpec::new(
+        name,
+        memory_mib,
+        Boot::Kernel {
+            kernel,
+            initrd: None,
+            cmdline: Some(config.append()),
+        },
+    );
+    spec.extra_args = vec![
+        "-device".into(),
+        format!(
+            "isa-debug-exit,iobase={:#x},iosize=0x04",
+            guest::DEBUG_EXIT_IOBASE
+        ),
+    ];
+    spec
+}
+
+/// The guest console of a VM (waits until the guest answers).
+pub async fn console(vm: &QemuProcess) -> GuestConsole {
+    let mut c = GuestConsole::connect_timeout(&vm.dir().serial_socket(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    c.wait_ready(Duration::from_secs(60)).await.unwrap();
+    c
+}
+
+/// Two hosts on this machine: `a` (source) and `b` (target, with its TLS
+/// relay on loopback), certificates from one cluster CA.
+pub struct Pair {
+    pub tmp: tempfile::TempDir,
+    pub guard: KillGuard,
+    pub ca: ClusterCa,
+    pub a: HostIdentity,
+    pub b: HostIdentity,
+    pub src: VmManager,
+    pub dst: Arc<VmManager>,
+    pub table: Arc<MigrationTable>,
+    pub relay: TargetRelay,
+}
+
+impl Pair {
+    pub async fn new() -> Pair {
+        let tmp = tempdir();
+        let ca = ClusterCa::generate("ferry test CA").unwrap();
+        let a = ca.issue_host("host-a").unwrap();
+        let b = ca.issue_host("host-b").unwrap();
+        let table = Arc::new(MigrationTable::default());
+        let server = TlsSettings::default().server_config(&b).unwrap();
+        let relay = TargetRelay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            ServerTransport::Tls(server),
+            table.clone(),
+        )
+        .await
+        .unwrap();
+        Pair {
+            src: VmManager::new(state_dir(tmp.path(), "a")),
+            dst: Arc::new(VmManager::new(state_dir(tmp.path(), "b"))),
+            tmp,
+            guard: KillGuard::default(),
+            ca,
+            a,
+            b,
+            table,
+            relay,
+        }
+    }
+
+    pub fn migration(&self, name: &str) -> MigrationRef {
+        MigrationRef {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    /// A source relay for `vm` sending as `identity` to `addr` (normally
+    /// the target relay's address).
+    pub async fn source_relay(
+        &self,
+        vm: &QemuProcess,
+        migration: &MigrationRef,
+        identity: &HostIdentity,
+        addr: SocketAddr,
+        config: &MigrationConfig,
+    ) -> SourceRelay {
+        let tls = TlsSettings::default().client_config(identity).unwrap();
+        SourceRelay::start(SourceRelayConfig {
+            migration: migration.clone(),
+            source_host: identity.host.clone(),
+            target_host: "host-b".into(),
+            target_addr: addr,
+            socket_path: migrate::source_socket(vm),
+            transport: ClientTransport::Tls(tls),
+            bandwidth: config.bandwidth.relay_limit(),
+        })
+        .await
+        .unwrap()
+    }
+}

@@ -64,6 +64,16 @@ enum Role {
 /// Start missing halves; report halves lost to a restart.
 pub async fn reconcile(agent: &Arc<Agent>) {
     let me = agent.config.host.clone();
+    // Forget finished halves of migrations that are gone.
+    let live: std::collections::HashSet<String> = agent
+        .migration_store
+        .state()
+        .iter()
+        .filter_map(|m| m.uid())
+        .collect();
+    if let Ok(mut finished) = agent.finished.lock() {
+        finished.retain(|uid| live.contains(uid));
+    }
     for m in agent.migration_store.state() {
         let Some(uid) = m.uid() else { continue };
         let status = m.status.clone().unwrap_or_default();
@@ -72,11 +82,16 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             .lock()
             .map(|h| h.contains_key(&uid))
             .unwrap_or(true);
-        if running_here {
+        let finished_here = agent
+            .finished
+            .lock()
+            .map(|f| f.contains(&uid))
+            .unwrap_or(true);
+        if running_here || finished_here {
             continue;
         }
         let role = if status.target_host.as_deref() == Some(me.as_str())
-            && m.spec.migration_type == MigrationType::Live
+            && m.spec.migration_type != MigrationType::Evacuate
         {
             Role::Target
         } else if status.source_host.as_deref() == Some(me.as_str())
@@ -148,6 +163,9 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             match role {
                 Role::Target => target_half(&agent, &m, &cancel).await,
                 Role::Source => source_half(&agent, &m, &cancel).await,
+            }
+            if let Ok(mut finished) = agent.finished.lock() {
+                finished.insert(uid.clone());
             }
             if let Ok(mut halves) = agent.halves.lock() {
                 halves.remove(&uid);
@@ -355,6 +373,21 @@ async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
             return;
         }
     };
+    if m.spec.migration_type == MigrationType::Cold {
+        // Nothing to prepare: once the source has stopped the guest, the
+        // controller places the VM here and the VM loop starts it.
+        report_half(
+            agent,
+            m,
+            Role::Target,
+            AgentState::Ready,
+            None,
+            Some("the VM will start here from its definition".into()),
+            None,
+        )
+        .await;
+        return;
+    }
     let (policy, channels) = effective_policy(agent, m).await;
     let config = migration_config(&policy, channels, agent.config.stall_timeout);
     // A dead QEMU of an earlier attempt may still be in the manager.

@@ -160,6 +160,8 @@ pub struct Agent {
     migration_store: reflector::Store<Migration>,
     /// Migration halves running here, by Migration uid.
     halves: Mutex<HashMap<String, halves::Half>>,
+    /// Migrations whose half on this host has finished (in this process).
+    finished: Mutex<std::collections::HashSet<String>>,
     /// Local names whose QEMU failed to start, with the error (reported,
     /// not retried in a tight loop).
     start_failures: Mutex<BTreeMap<String, String>>,
@@ -299,6 +301,7 @@ pub async fn run(
         vm_store,
         migration_store,
         halves: Mutex::default(),
+        finished: Mutex::default(),
         start_failures: Mutex::default(),
     });
 

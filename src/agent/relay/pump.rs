@@ -20,7 +20,7 @@ use super::meter::{RateLimiter, RelayCounters};
 pub const FORWARD_CHUNK: usize = 1 << 20;
 const BACKWARD_CHUNK: usize = 64 << 10;
 /// How long the return path may stay open after the stream has ended.
-const LINGER: Duration = Duration::from_secs(30);
+pub(crate) const LINGER: Duration = Duration::from_secs(30);
 
 /// How a channel ended, other than cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +108,8 @@ where
     );
     tokio::pin!(fwd, bwd);
     let (mut fwd_done, mut bwd_done) = (false, false);
-    let linger = tokio::time::sleep(Duration::MAX.min(Duration::from_secs(86400 * 365)));
+    // Armed (reset) when the forward direction ends.
+    let linger = tokio::time::sleep(LINGER);
     tokio::pin!(linger);
     while !(fwd_done && bwd_done) {
         tokio::select! {

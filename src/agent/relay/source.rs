@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::meter::{RateLimiter, RelayCounters};
 use super::pump::pump;
+use super::splice::pump_plain;
 use super::wire::{self, Hello, Reply};
 use super::{ChannelReport, ClientTransport, MigrationRef, RelayError};
 
@@ -205,13 +206,14 @@ async fn run_channel(
                     .map_err(|_| {
                         RelayError::Handshake(format!("bad target host {}", cfg.target_host))
                     })?;
-                let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                    .connect(name, tcp)
+                let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
                     .await
                     .map_err(RelayError::Tls)?;
-                Ok(Box::new(stream) as Box<dyn Stream>)
+                stream.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+                Ok(Remote::Tls(Box::new(stream)))
             }
-            ClientTransport::InsecurePlain => Ok::<_, RelayError>(Box::new(tcp) as Box<dyn Stream>),
+            ClientTransport::InsecurePlain => Ok::<_, RelayError>(Remote::Plain(tcp)),
         }
     };
     let mut remote = tokio::select! {
@@ -221,8 +223,12 @@ async fn run_channel(
         _ = cancel.cancelled() => return Err(RelayError::Cancelled),
     };
     let handshake = async {
-        wire::write_hello(&mut remote, &hello).await?;
-        wire::read_reply(&mut remote).await
+        let s: &mut dyn Stream = match &mut remote {
+            Remote::Tls(t) => t.as_mut(),
+            Remote::Plain(t) => t,
+        };
+        wire::write_hello(s, &hello).await?;
+        wire::read_reply(s).await
     };
     let reply = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
         .await
@@ -232,10 +238,24 @@ async fn run_channel(
         return Err(RelayError::Refused { reason, message });
     }
     counters.channel_opened();
-    let r = pump(qemu, remote, counters, Some(limiter), cancel).await;
+    let r = match remote {
+        Remote::Tls(t) => pump(qemu, t, counters, Some(limiter), cancel).await,
+        Remote::Plain(t) => pump_plain(qemu, t, counters, Some(limiter), cancel).await,
+    };
     counters.channel_closed();
     r.map_err(RelayError::from)
 }
+
+enum Remote {
+    Tls(Box<tokio_rustls::client::TlsStream<BufReader<TcpStream>>>),
+    Plain(TcpStream),
+}
+
+/// Read buffer under rustls, which on its own reads 4 KiB per syscall.
+pub(crate) const TLS_READ_BUFFER: usize = 256 << 10;
+/// Encrypted records rustls may queue per write (its default is 64 KiB,
+/// which splits every 1 MiB chunk into sixteen flushes).
+pub(crate) const TLS_WRITE_BUFFER: usize = 4 << 20;
 
 /// A bidirectional byte stream (TLS or plain TCP).
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -24,13 +24,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::meter::RelayCounters;
 use super::pump::pump;
-use super::source::{Stream, tune};
+use super::source::{Stream, TLS_READ_BUFFER, TLS_WRITE_BUFFER, tune};
+use super::splice::pump_plain;
 use super::wire::{self, Hello, Reply, WireError};
 use super::{MigrationRef, RefusalReason, RelayError, ServerTransport};
 use crate::agent::pki;
@@ -341,12 +343,16 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
     };
     // TLS: the certificate must chain to the cluster CA (rustls checks),
     // and then it names the peer host.
-    let (mut stream, peer_host): (Box<dyn Stream>, Option<String>) = match &shared.transport {
+    let (mut conn, peer_host) = match &shared.transport {
         ServerTransport::Tls(cfg) => {
-            let accept = tokio_rustls::TlsAcceptor::from(cfg.clone()).accept(tcp);
+            let accept = tokio_rustls::TlsAcceptor::from(cfg.clone())
+                .accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp));
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(tls)) => match pki::peer_host(tls.get_ref().1) {
-                    Ok(h) => (Box::new(tls), Some(h)),
+                Ok(Ok(mut tls)) => match pki::peer_host(tls.get_ref().1) {
+                    Ok(h) => {
+                        tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+                        (Conn::Tls(Box::new(tls)), Some(h))
+                    }
                     Err(e) => {
                         let r = Refusal::new(RefusalReason::TlsHandshakeFailed, e.to_string());
                         return refuse(None, None, r);
@@ -362,9 +368,10 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
                 }
             }
         }
-        ServerTransport::InsecurePlain => (Box::new(tcp), None),
+        ServerTransport::InsecurePlain => (Conn::Plain(tcp), None),
     };
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_hello(&mut stream)).await {
+    let stream = conn.io();
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_hello(stream)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             let reason = match e {
@@ -372,7 +379,7 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
                 _ => RefusalReason::BadHandshake,
             };
             let r = Refusal::new(reason, e.to_string());
-            let _ = wire::write_reply(&mut stream, &reply(&r)).await;
+            let _ = wire::write_reply(stream, &reply(&r)).await;
             return refuse(peer_host, None, r);
         }
         Err(_) => {
@@ -395,13 +402,13 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
                 hello.source_host
             ),
         );
-        let _ = wire::write_reply(&mut stream, &reply(&r)).await;
+        let _ = wire::write_reply(stream, &reply(&r)).await;
         return refuse(peer_host, Some(hello), r);
     }
     let delivery = match shared.authorizer.authorize(&hello, &peer).await {
         Ok(d) => d,
         Err(r) => {
-            let _ = wire::write_reply(&mut stream, &reply(&r)).await;
+            let _ = wire::write_reply(stream, &reply(&r)).await;
             return refuse(peer_host, Some(hello), r);
         }
     };
@@ -412,11 +419,11 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
                 RefusalReason::TargetNotReady,
                 format!("target QEMU socket {}: {e}", delivery.socket.display()),
             );
-            let _ = wire::write_reply(&mut stream, &reply(&r)).await;
+            let _ = wire::write_reply(stream, &reply(&r)).await;
             return refuse(peer_host, Some(hello), r);
         }
     };
-    if let Err(e) = wire::write_reply(&mut stream, &Reply::Accept).await {
+    if let Err(e) = wire::write_reply(stream, &Reply::Accept).await {
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
     }
@@ -428,7 +435,12 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
     delivery.counters.channel_opened();
     let cancel = CancellationToken::new();
     let r = tokio::select! {
-        r = pump(stream, qemu, &delivery.counters, None, &cancel) => r,
+        r = async {
+            match conn {
+                Conn::Tls(t) => pump(t, qemu, &delivery.counters, None, &cancel).await,
+                Conn::Plain(t) => pump_plain(t, qemu, &delivery.counters, None, &cancel).await,
+            }
+        } => r,
         _ = delivery.cancel.cancelled() => Err(super::pump::PumpError::Cancelled),
         _ = shared.cancel.cancelled() => Err(super::pump::PumpError::Cancelled),
     };
@@ -439,6 +451,20 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
         peer_host: peer,
         error,
     });
+}
+
+enum Conn {
+    Tls(Box<tokio_rustls::server::TlsStream<BufReader<tokio::net::TcpStream>>>),
+    Plain(tokio::net::TcpStream),
+}
+
+impl Conn {
+    fn io(&mut self) -> &mut dyn Stream {
+        match self {
+            Conn::Tls(t) => t.as_mut(),
+            Conn::Plain(t) => t,
+        }
+    }
 }
 
 fn reply(r: &Refusal) -> Reply {

@@ -84,7 +84,7 @@ const KIND_HELLO: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 
-async fn write_frame<W: AsyncWrite + Unpin>(
+async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     kind: u8,
     body: &[u8],
@@ -106,7 +106,7 @@ async fn write_frame<W: AsyncWrite + Unpin>(
 
 /// Reads one frame header and body. A version mismatch is reported after
 /// the body has been consumed so the connection can still carry a reply.
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<(u8, Vec<u8>), WireError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).await?;
     let magic = [h[0], h[1], h[2], h[3]];
@@ -132,12 +132,15 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, WireError> {
 }
 
 /// Sends the Hello.
-pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, hello: &Hello) -> Result<(), WireError> {
+pub async fn write_hello<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    hello: &Hello,
+) -> Result<(), WireError> {
     write_frame(w, KIND_HELLO, &encode(hello)?).await
 }
 
 /// Reads the Hello.
-pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireError> {
+pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Hello, WireError> {
     match read_frame(r).await? {
         (KIND_HELLO, body) => {
             serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))
@@ -147,7 +150,10 @@ pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireEr
 }
 
 /// Sends the reply.
-pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Result<(), WireError> {
+pub async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    reply: &Reply,
+) -> Result<(), WireError> {
     let kind = match reply {
         Reply::Accept => KIND_ACCEPT,
         Reply::Refuse { .. } => KIND_REFUSE,
@@ -156,7 +162,7 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Res
 }
 
 /// Reads the reply.
-pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, WireError> {
+pub async fn read_reply<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Reply, WireError> {
     match read_frame(r).await? {
         (KIND_ACCEPT | KIND_REFUSE, body) => {
             serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))

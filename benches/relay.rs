@@ -1,0 +1,284 @@
+//! Migration throughput: QEMU → QEMU directly over a unix socket (the
+//! limit) against Ferry's relay in plain mode and with mutual TLS, on the
+//! same guest filled with non-zero data, rounds interleaved.
+//!
+//! `cargo bench --bench relay`. Environment: `FERRY_BENCH_MIB` (guest
+//! memory, default 1024), `FERRY_BENCH_ROUNDS` (default 3),
+//! `FERRY_BENCH_MULTIFD` (channels, default 0 = single stream).
+//!
+//! The guest migrates back and forth between two "hosts" (two agents'
+//! state directories and relays on loopback), so it is filled once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::agent::guest::{self, GuestConfig, GuestConsole};
+use ferry::agent::migrate::{self, AUTO_MAX_BANDWIDTH, MigrationConfig};
+use ferry::agent::pki::{ClusterCa, TlsSettings};
+use ferry::agent::qemu::{Boot, MachineSpec, QemuProcess};
+use ferry::agent::qmp::{self, MigrationStatus};
+use ferry::agent::relay::{
+    ClientTransport, MigrationRef, MigrationTable, ServerTransport, SourceRelay, SourceRelayConfig,
+    TargetRelay,
+};
+use ferry::agent::vms::VmManager;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Direct,
+    RelayPlain,
+    RelayTls,
+}
+
+struct Host {
+    name: String,
+    vms: VmManager,
+    tls: (TargetRelay, Arc<MigrationTable>),
+    plain: (TargetRelay, Arc<MigrationTable>),
+    client: Arc<rustls::ClientConfig>,
+}
+
+struct Round {
+    mode: Mode,
+    bytes: u64,
+    qemu_ms: u64,
+    downtime_ms: u64,
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn host(root: &std::path::Path, name: &str, ca: &ClusterCa) -> Host {
+    let id = ca.issue_host(name).unwrap();
+    let tls = TlsSettings::default();
+    let relay = |transport| async {
+        let table = Arc::new(MigrationTable::default());
+        let r = TargetRelay::bind("127.0.0.1:0".parse().unwrap(), transport, table.clone())
+            .await
+            .unwrap();
+        (r, table)
+    };
+    Host {
+        name: name.into(),
+        vms: VmManager::new(root.join(name)),
+        tls: relay(ServerTransport::Tls(tls.server_config(&id).unwrap())).await,
+        plain: relay(ServerTransport::InsecurePlain).await,
+        client: tls.client_config(&id).unwrap(),
+    }
+}
+
+async fn migrate_once(
+    mode: Mode,
+    n: usize,
+    spec: &MachineSpec,
+    config: &MigrationConfig,
+    from: &Host,
+    vm: &Arc<QemuProcess>,
+    to: &Host,
+) -> (Round, Arc<QemuProcess>) {
+    let target = migrate::prepare_target(&to.vms, spec, config)
+        .await
+        .unwrap();
+    let mref = MigrationRef {
+        namespace: "bench".into(),
+        name: format!("m{n}"),
+        uid: format!("u{n}"),
+    };
+    let relay_to = |(relay, table): &(TargetRelay, Arc<MigrationTable>)| -> SocketAddr {
+        table.expect(mref.clone(), &from.name, target.incoming_socket());
+        relay.local_addr()
+    };
+    let relay = match mode {
+        Mode::Direct => None,
+        Mode::RelayPlain | Mode::RelayTls => {
+            let (addr, transport) = if mode == Mode::RelayTls {
+                (relay_to(&to.tls), ClientTransport::Tls(from.client.clone()))
+            } else {
+                (relay_to(&to.plain), ClientTransport::InsecurePlain)
+            };
+            Some(
+                SourceRelay::start(SourceRelayConfig {
+                    migration: mref.clone(),
+                    source_host: from.name.clone(),
+                    target_host: to.name.clone(),
+                    target_addr: addr,
+                    socket_path: migrate::source_socket(vm),
+                    transport,
+                    bandwidth: None,
+                })
+                .await
+                .unwrap(),
+            )
+        }
+    };
+    let uri = match &relay {
+        Some(r) => format!("unix:{}", r.socket_path().display()),
+        None => format!("unix:{}", target.incoming_socket().display()),
+    };
+    let q = vm.qmp();
+    let caps = [("multifd", config.multifd_channels.is_some())];
+    q.execute(&qmp::MigrateSetCapabilities {
+        capabilities: caps
+            .iter()
+            .map(|(c, s)| qmp::CapabilityState {
+                capability: c.to_string(),
+                state: *s,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap();
+    q.execute(&qmp::MigrateSetParameters {
+        max_bandwidth: Some(AUTO_MAX_BANDWIDTH),
+        downtime_limit: Some(config.downtime_limit.as_millis() as u64),
+        multifd_channels: config.multifd_channels,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    q.execute(&qmp::Migrate { uri, resume: None })
+        .await
+        .unwrap();
+    let info = loop {
+        let info = q.execute(&qmp::QueryMigrate {}).await.unwrap();
+        match info.status {
+            Some(MigrationStatus::Completed) => break info,
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                panic!("{mode:?} migration failed: {:?}", info.error_desc)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    target.wait_running(Duration::from_secs(60)).await.unwrap();
+    migrate::finish_source(&from.vms, vm).await.unwrap();
+    let ram = info.ram.unwrap_or_default();
+    let round = Round {
+        mode,
+        bytes: ram.transferred,
+        qemu_ms: info.total_time.unwrap_or(0).max(1),
+        downtime_ms: info.downtime.unwrap_or(0),
+    };
+    (round, target.vm().clone())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mib = env("FERRY_BENCH_MIB", 1024) as u32;
+    let rounds = env("FERRY_BENCH_ROUNDS", 3) as usize;
+    let multifd = match env("FERRY_BENCH_MULTIFD", 0) {
+        0 => None,
+        n => Some(n as u8),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("fb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ca = ClusterCa::generate("bench").unwrap();
+    let a = host(tmp.path(), "host-a", &ca).await;
+    let b = host(tmp.path(), "host-b", &ca).await;
+    let kernel = guest::install_kernel(tmp.path()).unwrap();
+    let guest_cfg = GuestConfig::default(); // fills all RAM but 4 MiB, idle
+    let mut spec = MachineSpec::new(
+        "bench",
+        mib,
+        Boot::Kernel {
+            kernel,
+            initrd: None,
+            cmdline: Some(guest_cfg.append()),
+        },
+    );
+    spec.extra_args = vec![
+        "-device".into(),
+        format!(
+            "isa-debug-exit,iobase={:#x},iosize=0x04",
+            guest::DEBUG_EXIT_IOBASE
+        ),
+    ];
+    let config = MigrationConfig {
+        multifd_channels: multifd,
+        ..MigrationConfig::default()
+    };
+    let mut vm = a.vms.start(&spec, false).await.unwrap();
+    let mut console =
+        GuestConsole::connect_timeout(&vm.dir().serial_socket(), Duration::from_secs(10))
+            .await
+            .unwrap();
+    let ready = console.wait_ready(Duration::from_secs(300)).await.unwrap();
+    drop(console);
+    println!(
+        "guest {mib} MiB, {} pages filled with non-zero data; multifd {:?}; {rounds} rounds",
+        ready.pages, multifd
+    );
+    let idle_rss = rss_kib("VmRSS:");
+    let mut results = Vec::new();
+    let mut on_a = true;
+    let started = Instant::now();
+    for r in 0..rounds {
+        for mode in [Mode::Direct, Mode::RelayPlain, Mode::RelayTls] {
+            let (from, to) = if on_a { (&a, &b) } else { (&b, &a) };
+            let n = results.len();
+            let (round, next) = migrate_once(mode, n, &spec, &config, from, &vm, to).await;
+            println!(
+                "round {r} {:<10} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms)",
+                format!("{mode:?}"),
+                round.bytes as f64 / (1 << 20) as f64 / (round.qemu_ms as f64 / 1000.0),
+                round.bytes >> 20,
+                round.qemu_ms,
+                round.downtime_ms
+            );
+            results.push(round);
+            vm = next;
+            on_a = !on_a;
+        }
+    }
+    let rate = |m: Mode| {
+        median(
+            results
+                .iter()
+                .filter(|r| r.mode == m)
+                .map(|r| r.bytes as f64 / (r.qemu_ms as f64 / 1000.0))
+                .collect(),
+        )
+    };
+    let direct = rate(Mode::Direct);
+    println!("\nmedian of {rounds} rounds (QEMU's own total-time):");
+    for m in [Mode::Direct, Mode::RelayPlain, Mode::RelayTls] {
+        println!(
+            "  {:<10} {:>8.1} MiB/s   ratio to direct {:.2}",
+            format!("{m:?}"),
+            rate(m) / (1 << 20) as f64,
+            rate(m) / direct
+        );
+    }
+    println!(
+        "bench process (agents' relays) RSS: idle {} MiB, peak {} MiB; wall {:.1} s",
+        idle_rss >> 10,
+        rss_kib("VmHWM:") >> 10,
+        started.elapsed().as_secs_f64()
+    );
+    let owner = if on_a { &a } else { &b };
+    owner
+        .vms
+        .stop("bench", Duration::from_secs(10))
+        .await
+        .unwrap();
+}
