@@ -210,14 +210,12 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `kubectl apply -f -` of a manifest. Client-side validation is off
-    /// while the embedded API server does not serve `/openapi/v2|v3`
-    /// (`discovery::openapi` answers 404 in this tree); the server still
-    /// validates every object against the CRD's schema.
+    /// `kubectl apply -f -` of a manifest (with kubectl's client-side
+    /// validation against the server's OpenAPI documents).
     pub fn apply(&self, manifest: &str) -> String {
         let mut child = self
             .kubectl_command()
-            .args(["apply", "--validate=false", "-f", "-"])
+            .args(["apply", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
