@@ -91,3 +91,54 @@ fn kubectl_ferry_migrate_to_a_host_waits_and_reports_success() {
     assert!(text.contains("Succeeded"), "{text}");
     assert_moved_intact(&c, "walker", target);
 }
+
+#[test]
+fn cold_migration_restarts_the_guest_on_the_target_with_the_same_identity() {
+    // `xm migrate` without -l: the guest stops on the source and starts on
+    // the target with the same name, UUID and MAC address.
+    const UUID: &str = "5d0c7a4e-2f1b-4c3a-9e8d-7b6a5f4e3d2c";
+    const MAC: &str = "52:54:00:f3:77:01";
+    let c = Cluster::up(2);
+    c.apply(&format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: coldie\n  namespace: default\nspec:\n  uuid: {UUID}\n  memory: 64Mi\n  boot:\n    memtest:\n      fillMib: 32\n  networks:\n  - name: default\n    mac: \"{MAC}\"\n"
+    ));
+    c.wait_for("coldie Running", TIMEOUT, || {
+        c.jsonpath(&["get", "fvm", "coldie"], "{.status.phase}") == "Running"
+    });
+    let source = c.vm_host("default", "coldie").unwrap();
+    let target = other(&source);
+    let identity = |host: &str| {
+        let lines = c.host_qemu_cmdlines(host);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(&format!("-uuid {UUID}")), "{}", lines[0]);
+        assert!(lines[0].contains(&format!("mac={MAC}")), "{}", lines[0]);
+    };
+    identity(&source);
+
+    let out = c.ferry(&[
+        "migrate",
+        "coldie",
+        "--cold",
+        "--to",
+        target,
+        "--timeout",
+        "120",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubectl ferry migrate --cold failed:\n{text}"
+    );
+    assert!(text.contains("Succeeded"), "{text}");
+    c.wait_for("the source QEMU to stop", TIMEOUT, || {
+        c.host_qemu_pids(&source).is_empty()
+    });
+    assert_eq!(c.vm_host("default", "coldie").as_deref(), Some(target));
+    identity(target);
+    let (_, report) = c.verify_vm("default", "coldie");
+    assert!(matches!(report, VerifyReport::Intact { .. }), "{report:?}");
+}

@@ -331,6 +331,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The command lines of the QEMUs running on `host`.
+    pub fn host_qemu_cmdlines(&self, host: &str) -> Vec<String> {
+        self.host_qemu_pids(host)
+            .into_iter()
+            .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .collect()
+    }
+
     /// Power loss of `host`: its agent, its fencing watchdog and its QEMUs
     /// are killed at once (SIGKILL).
     pub fn power_off(&self, host: &str) {
