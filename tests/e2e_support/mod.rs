@@ -331,6 +331,13 @@ impl Cluster {
             .collect()
     }
 
+    /// Make `host` report `percent` CPU load instead of its measured one
+    /// (the agent reads `DIR/hosts/<host>/cpu-load` on every beat).
+    pub fn set_cpu_load(&self, host: &str, percent: u32) {
+        let path = Layout::at(self.dir.path()).host_dir(host).join("cpu-load");
+        std::fs::write(path, percent.to_string()).unwrap();
+    }
+
     /// The command lines of the QEMUs running on `host`.
     pub fn host_qemu_cmdlines(&self, host: &str) -> Vec<String> {
         self.host_qemu_pids(host)

@@ -12,6 +12,7 @@
 //!  DIR/hosts/host-N/pki/      ca.crt host.crt host.key
 //!  DIR/hosts/host-N/state/    the agent's state: vms/<ns>.<name>/{qemu.pid,serial.sock,…}
 //!  DIR/hosts/host-N/kubeconfig, agent.log, agent.pid
+//!  DIR/hosts/host-N/cpu-load  optional: a CPU percentage the host reports instead of its own
 //! ```
 
 use std::fs::File;

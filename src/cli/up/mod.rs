@@ -333,6 +333,11 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             args.fence_after.to_string(),
             "--qemu".into(),
             args.qemu.clone(),
+            // A number written here replaces the host's measured CPU load
+            // (one machine standing in for loaded and idle hosts); absent,
+            // the load is measured.
+            "--simulated-load-file".into(),
+            host_dir.join("cpu-load").display().to_string(),
         ];
         let child = Child::spawn(
             format!("agent {host}"),
