@@ -1,6 +1,8 @@
 //! End-to-end: a failed host's VMs are rebuilt elsewhere with the same
-//! identity (`nova evacuate`) once the host is fenced, and the old host
-//! never runs them again. Short fencing times keep the tests to seconds:
+//! identity (`nova evacuate`) once the host is fenced, never running on two
+//! hosts at once, and the old host does not run them again. Three ways a
+//! host fails: power loss (agent, watchdog and QEMUs die), cut off (link
+//! down, agent and QEMUs run on), and the agent dying on a cut-off host. Short fencing times keep the tests to seconds:
 //! the agents' watchdogs fence after 4s (`ferry up --fence-after 4s`) and
 //! the default policy evacuates after 8s of silence.
 
@@ -37,10 +39,13 @@ fn running_vm(c: &Cluster, vm: &str) -> (String, u32) {
     (host, index)
 }
 
-/// Wait until the VM runs on another host than `old`, check it there and
-/// that exactly one QEMU runs it; returns the new host.
+/// Wait until the VM runs on another host than `old`, sampling all the
+/// while that never more than one QEMU runs it (the cluster has this one
+/// VM); check it there; returns the new host.
 fn rebuilt_elsewhere(c: &Cluster, vm: &str, old: &str, uid: &str) -> String {
     c.wait_for(&format!("{vm} rebuilt off {old}"), TIMEOUT, || {
+        let running = c.qemu_pids();
+        assert!(running.len() <= 1, "{vm} runs twice: QEMUs {running:?}");
         c.vm_host("default", vm).is_some_and(|h| h != old)
             && c.jsonpath(&["get", "fvm", vm], "{.status.phase}") == "Running"
     });
@@ -94,4 +99,21 @@ fn a_host_cut_off_from_the_network_fences_itself_and_does_not_run_the_vm_again()
         Some(new.as_str())
     );
     assert_eq!(c.qemu_pids().len(), 1);
+}
+
+#[test]
+fn an_agent_dying_on_a_cut_off_host_leaves_its_watchdog_to_fence_the_vm() {
+    assert!(root(), "cutting a host off needs network namespaces (root)");
+    let c = cluster();
+    let (old, index) = running_vm(&c, "orphan");
+    let uid = c.jsonpath(&["get", "fvm", "orphan"], "{.metadata.uid}");
+    c.set_link(index, false);
+    c.kill_agent(&old);
+    // Nobody renews the heartbeat: the watchdog, alone, stops the QEMU.
+    c.wait_for("the watchdog to stop the orphaned QEMU", TIMEOUT, || {
+        c.host_qemu_pids(&old).is_empty()
+    });
+    rebuilt_elsewhere(&c, "orphan", &old, &uid);
+    c.set_link(index, true);
+    assert_eq!(c.host_qemu_pids(&old), Vec::<i32>::new());
 }

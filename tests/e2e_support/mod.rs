@@ -373,6 +373,21 @@ impl Cluster {
         }
     }
 
+    /// Kill the agent of `host` (SIGKILL), leaving its watchdog and QEMUs.
+    pub fn kill_agent(&self, host: &str) {
+        let pid_file = Layout::at(self.dir.path()).host_dir(host).join("agent.pid");
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     /// The network namespace of host `i` (1-based); root only.
     pub fn namespace_of(&self, i: u32) -> String {
         netns::namespace_name(&self.instance_id(), i)
