@@ -44,6 +44,26 @@ struct Round {
     bytes: u64,
     qemu_ms: u64,
     downtime_ms: u64,
+    /// CPU the relays (this process) spent, seconds.
+    relay_cpu: f64,
+}
+
+/// This process's user + system CPU time in seconds (/proc, 100 Hz ticks):
+/// unlike throughput, it hardly depends on what else loads the machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn env(name: &str, default: u64) -> u64 {
@@ -150,6 +170,7 @@ async fn migrate_once(
     })
     .await
     .unwrap();
+    let cpu0 = cpu_seconds();
     q.execute(&qmp::Migrate { uri, resume: None })
         .await
         .unwrap();
@@ -163,6 +184,7 @@ async fn migrate_once(
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
+    let relay_cpu = cpu_seconds() - cpu0;
     target.wait_running(Duration::from_secs(60)).await.unwrap();
     migrate::finish_source(&from.vms, vm).await.unwrap();
     let ram = info.ram.unwrap_or_default();
@@ -171,6 +193,7 @@ async fn migrate_once(
         bytes: ram.transferred,
         qemu_ms: info.total_time.unwrap_or(0).max(1),
         downtime_ms: info.downtime.unwrap_or(0),
+        relay_cpu,
     };
     (round, target.vm().clone())
 }
@@ -212,6 +235,8 @@ async fn main() {
             "isa-debug-exit,iobase={:#x},iosize=0x04",
             guest::DEBUG_EXIT_IOBASE
         ),
+        // A guest fault ends QEMU instead of rebooting into a fresh fill.
+        "-no-reboot".into(),
     ];
     let config = MigrationConfig {
         multifd_channels: multifd,
@@ -238,12 +263,13 @@ async fn main() {
             let n = results.len();
             let (round, next) = migrate_once(mode, n, &spec, &config, from, &vm, to).await;
             println!(
-                "round {r} {:<10} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms)",
+                "round {r} {:<10} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms, relay CPU {:.2} s)",
                 format!("{mode:?}"),
                 round.bytes as f64 / (1 << 20) as f64 / (round.qemu_ms as f64 / 1000.0),
                 round.bytes >> 20,
                 round.qemu_ms,
-                round.downtime_ms
+                round.downtime_ms,
+                round.relay_cpu
             );
             results.push(round);
             vm = next;
@@ -259,14 +285,24 @@ async fn main() {
                 .collect(),
         )
     };
+    let cpu_per_gib = |m: Mode| {
+        median(
+            results
+                .iter()
+                .filter(|r| r.mode == m)
+                .map(|r| r.relay_cpu / (r.bytes as f64 / (1u64 << 30) as f64))
+                .collect(),
+        )
+    };
     let direct = rate(Mode::Direct);
     println!("\nmedian of {rounds} rounds (QEMU's own total-time):");
     for m in [Mode::Direct, Mode::RelayPlain, Mode::RelayTls] {
         println!(
-            "  {:<10} {:>8.1} MiB/s   ratio to direct {:.2}",
+            "  {:<10} {:>8.1} MiB/s   ratio to direct {:.2}   relay CPU {:.2} s/GiB",
             format!("{m:?}"),
             rate(m) / (1 << 20) as f64,
-            rate(m) / direct
+            rate(m) / direct,
+            cpu_per_gib(m)
         );
     }
     println!(

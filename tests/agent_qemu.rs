@@ -21,6 +21,10 @@ async fn qmp_reports_status_version_and_events() {
     assert_eq!(q.greeting().version.qemu.major, 10);
     let v = q.execute(&qmp::QueryVersion {}).await.unwrap();
     assert_eq!(v, q.greeting().version);
+    let binary = ferry::agent::qemu::binary_version("qemu-system-x86_64")
+        .await
+        .unwrap();
+    assert_eq!(binary, v.qemu.to_string());
     let st = q.execute(&qmp::QueryStatus {}).await.unwrap();
     assert!(st.running);
     assert_eq!(st.status, RunState::Running);
@@ -92,6 +96,11 @@ async fn a_restarted_agent_readopts_running_qemu() {
         pid
     };
     assert!(pid_alive(pid), "the VM must survive its agent");
+    // It runs in its own session: signals to the agent's process group or
+    // session (Ctrl-C, a service manager stopping the agent) miss it.
+    let own = nix::unistd::getsid(None).unwrap();
+    let qemu = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+    assert_ne!(own, qemu);
 
     let mgr = VmManager::new(dir.clone());
     let found = mgr.adopt_all().await.unwrap();
@@ -123,6 +132,8 @@ async fn a_restarted_agent_readopts_running_qemu() {
         ),
         "{found:?}"
     );
+    mgr2.remove_state("vm1").await.unwrap();
+    assert!(mgr2.adopt_all().await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -151,6 +151,29 @@ impl VmDir {
     }
 }
 
+/// The version of a QEMU binary (`qemu-system-x86_64 --version`), e.g.
+/// `10.0.2`, for the host's published status.
+pub async fn binary_version(binary: &str) -> Result<String, QemuError> {
+    let out = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn {
+            binary: binary.into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("QEMU emulator version "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .ok_or_else(|| QemuError::StartupExit {
+            status: out.status.to_string(),
+            log: format!("unrecognised --version output: {}", text.trim()),
+        })
+}
+
 /// Whether `pid` is a live (not zombie) process.
 pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

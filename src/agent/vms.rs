@@ -3,7 +3,8 @@
 //! The manager owns the agent's state directory. `adopt_all` runs first after
 //! an agent (re)start and takes over every QEMU still running there; only
 //! then does the agent start or stop anything. Directories whose QEMU has
-//! gone are reported (the VM died while the agent was away) and cleaned.
+//! gone are reported (the VM died while the agent was away); the caller
+//! decides whether to restart the VM or [`VmManager::remove_state`] it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,23 @@ impl VmManager {
             .ok_or_else(|| VmError::NotFound(name.into()))?;
         p.stop(grace).await?;
         Ok(())
+    }
+
+    /// Deletes the state directory of a VM that does not run here.
+    pub async fn remove_state(&self, name: &str) -> Result<(), VmError> {
+        let vms = self.vms.lock().await;
+        if vms.get(name).is_some_and(|p| p.is_alive()) {
+            return Err(VmError::AlreadyRunning(name.into()));
+        }
+        let dir = VmDir::new(&self.state_dir, name);
+        match std::fs::remove_dir_all(dir.path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(VmError::StateDir {
+                path: dir.path().to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Forgets a VM whose QEMU has exited (e.g. a source after migration),

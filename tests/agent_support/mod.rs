@@ -114,6 +114,8 @@ pub fn guest_vm(dir: &Path, name: &str, memory_mib: u32, config: &GuestConfig) -
             "isa-debug-exit,iobase={:#x},iosize=0x04",
             guest::DEBUG_EXIT_IOBASE
         ),
+        // A guest fault ends QEMU instead of rebooting into a fresh fill.
+        "-no-reboot".into(),
     ];
     spec
 }

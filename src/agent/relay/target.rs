@@ -261,8 +261,37 @@ impl TargetRelay {
                 addr: addr.to_string(),
                 source,
             })?;
+        TargetRelay::serve(listener, transport, authorizer)
+    }
+
+    /// Serves on an already bound listener (e.g. one bound inside the
+    /// migration network's namespace, or handed over by the service
+    /// manager).
+    pub fn from_std(
+        listener: std::net::TcpListener,
+        transport: ServerTransport,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Result<TargetRelay, RelayError> {
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let bind_err = |source| RelayError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(listener).map_err(bind_err)?;
+        TargetRelay::serve(listener, transport, authorizer)
+    }
+
+    fn serve(
+        listener: TcpListener,
+        transport: ServerTransport,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Result<TargetRelay, RelayError> {
         let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
-            addr: addr.to_string(),
+            addr: "relay listener".into(),
             source,
         })?;
         let (outcomes, _) = broadcast::channel(256);
