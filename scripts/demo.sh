@@ -29,6 +29,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+[ "$HOSTS" -ge 2 ] || { echo "demo.sh: the demo migrates between hosts: --hosts must be at least 2" >&2; exit 2; }
+
 . scripts/setup.sh
 ferry_setup
 
