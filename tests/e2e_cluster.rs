@@ -167,3 +167,31 @@ fn ctrl_c_stops_agents_vms_watchdogs_and_removes_the_network() {
     );
     assert_eq!(c.network_leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn ferry_up_killed_outright_is_replaced_and_its_running_vm_adopted() {
+    let mut c = Cluster::up_with(2, &["--demo", "--demo-vms", "2"]);
+    for vm in ["demo-1", "demo-2"] {
+        wait_running(&c, vm);
+    }
+    let mut before = c.qemu_pids();
+    before.sort();
+    c.crash();
+    c.start();
+    // One agent per host again: the stale ones were stopped, not doubled.
+    let agents = c
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(" agent run "))
+        .count();
+    assert_eq!(agents, 2, "{:?}", c.processes());
+    // The guests kept running through the crash: the same QEMUs, adopted.
+    let mut after = c.qemu_pids();
+    after.sort();
+    assert_eq!(after, before);
+    assert_intact(&c, "demo-1", "host-1");
+    assert_intact(&c, "demo-2", "host-2");
+    c.wait_for("host-1 to count its adopted VM", VM_TIMEOUT, || {
+        c.jsonpath(&["get", "host", "host-1"], "{.status.vmCount}") == "1"
+    });
+}

@@ -193,6 +193,14 @@ impl Cluster {
         c
     }
 
+    /// Kill `ferry up` outright (SIGKILL), as a crash would: its children
+    /// (agents, controller, QEMUs, watchdogs) are left running.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("ferry up is not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Run kubectl against this cluster.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_command().args(args).output().unwrap()

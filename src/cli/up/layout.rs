@@ -317,7 +317,28 @@ pub struct Cleanup {
 /// nothing) and after a crash; the end-to-end tests call it on drop.
 pub fn cleanup(dir: &Path) -> Cleanup {
     let layout = Layout::at(dir);
-    let mut report = Cleanup::default();
+    let mut report = Cleanup {
+        daemons: stop_stale_daemons(dir),
+        ..Cleanup::default()
+    };
+    for host in layout.existing_hosts() {
+        report.qemus.extend(stop_host_vms(
+            &layout.state_dir(&host),
+            Duration::from_secs(2),
+        ));
+    }
+    if nix::unistd::geteuid().is_root() {
+        report.network = netns::teardown_instance(&layout.instance_id());
+    }
+    report
+}
+
+/// Stop the agents and the controller that an earlier instance on `dir`
+/// left running (it was killed: its children outlive it), by their pid
+/// files. QEMUs and watchdogs are left alone: the new agents adopt them.
+pub fn stop_stale_daemons(dir: &Path) -> Vec<i32> {
+    let layout = Layout::at(dir);
+    let mut stopped = Vec::new();
     let controller_pid = dir.join("controller.pid");
     for pid_file in layout
         .existing_hosts()
@@ -329,19 +350,10 @@ pub fn cleanup(dir: &Path) -> Cleanup {
             && is_ferry_process(pid)
             && terminate(pid, Duration::from_secs(5))
         {
-            report.daemons.push(pid);
+            stopped.push(pid);
         }
     }
-    for host in layout.existing_hosts() {
-        report.qemus.extend(stop_host_vms(
-            &layout.state_dir(&host),
-            Duration::from_secs(2),
-        ));
-    }
-    if nix::unistd::geteuid().is_root() {
-        report.network = netns::teardown_instance(&layout.instance_id());
-    }
-    report
+    stopped
 }
 
 /// Whether `pid` runs a Ferry binary (a stale pid file may name a reused pid).

@@ -173,6 +173,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let layout = Layout::create(&args.data_dir)?;
     let _lock = layout.lock()?;
     check_qemu(&args.qemu).await?;
+    // An instance killed outright leaves its children running; the lock
+    // is ours, so they are stale. Their QEMUs stay, to be adopted.
+    let dir = layout.dir.clone();
+    let stale = tokio::task::spawn_blocking(move || layout::stop_stale_daemons(&dir))
+        .await
+        .unwrap_or_default();
+    if !stale.is_empty() {
+        eprintln!(
+            "ferry up: stopped {} daemons of an earlier run that was killed",
+            stale.len()
+        );
+    }
     let mut running = Running::default();
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
