@@ -14,6 +14,8 @@
 //! Everything lives in the data directory (see [`layout`]), so a second run
 //! on it resumes the same cluster: same CA, tokens, objects, certificates
 //! and subnet; the VMs placed on a host are started again by its agent.
+//! After a crash of `ferry up` itself (its children outlive it), the next
+//! run stops the stale agents and controller and adopts the running QEMUs.
 //!
 //! The controller runs as a child (`ferry controller`) in the root
 //! namespace, with its own token; it marks Hosts Active or Unreachable from
