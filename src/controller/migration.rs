@@ -379,6 +379,53 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         decision = machine::decide(&observation, &policy, now());
     }
 
+    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The VM's side first: a phase recorded as final then implies it.
+    for action in &decision.actions {
+        match action {
+            Action::SetVmMigrating => {
+                let patch = serde_json::json!({"status": {"migration": name}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::ClearVmMigration => {
+                if vm
+                    .as_ref()
+                    .and_then(|v| v.status.clone())
+                    .and_then(|s| s.migration)
+                    .as_deref()
+                    == Some(name.as_str())
+                {
+                    patch_vm(
+                        &vms,
+                        &m.spec.vm_name,
+                        &serde_json::json!({"status": {"migration": null}}),
+                    )
+                    .await?;
+                }
+            }
+            Action::SetVmHost { host } => {
+                // The commit point of a move: from here the VM's truth is the target.
+                let patch = serde_json::json!({"status": {"host": host}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::MarkVmFailed { message } => {
+                let patch = serde_json::json!({"status": {"phase": "Failed", "conditions": [{
+                    "type": "Ready", "status": "False", "reason": "PostCopyInterrupted", "message": message,
+                    "lastTransitionTime": status::to_api(now()),
+                }]}});
+                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+            }
+            Action::RemoveFinalizer
+            | Action::EmitEvent { .. }
+            | Action::ScheduleTarget
+            | Action::StoreSchedulingDecision
+            | Action::RequestAdmission
+            | Action::AssignTarget { .. }
+            | Action::PrepareTarget { .. }
+            | Action::StartTransfer { .. }
+            | Action::RequestAbort { .. } => {}
+        }
+    }
     let changed_state = decision.next != state;
     let previous_reason = status
         .conditions
@@ -423,41 +470,8 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         }
     }
 
-    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
     for action in &decision.actions {
         match action {
-            Action::SetVmMigrating => {
-                let patch = serde_json::json!({"status": {"migration": name}});
-                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
-            }
-            Action::ClearVmMigration => {
-                if vm
-                    .as_ref()
-                    .and_then(|v| v.status.clone())
-                    .and_then(|s| s.migration)
-                    .as_deref()
-                    == Some(name.as_str())
-                {
-                    patch_vm(
-                        &vms,
-                        &m.spec.vm_name,
-                        &serde_json::json!({"status": {"migration": null}}),
-                    )
-                    .await?;
-                }
-            }
-            Action::SetVmHost { host } => {
-                // The commit point of a move: from here the VM's truth is the target.
-                let patch = serde_json::json!({"status": {"host": host}});
-                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
-            }
-            Action::MarkVmFailed { message } => {
-                let patch = serde_json::json!({"status": {"phase": "Failed", "conditions": [{
-                    "type": "Ready", "status": "False", "reason": "PostCopyInterrupted", "message": message,
-                    "lastTransitionTime": status::to_api(now()),
-                }]}});
-                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
-            }
             Action::RemoveFinalizer => {
                 let finalizers: Vec<String> = m
                     .finalizers()
@@ -496,13 +510,7 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                     tracing::debug!(error = %e, "publishing an event failed");
                 }
             }
-            Action::ScheduleTarget
-            | Action::StoreSchedulingDecision
-            | Action::RequestAdmission
-            | Action::AssignTarget { .. }
-            | Action::PrepareTarget { .. }
-            | Action::StartTransfer { .. }
-            | Action::RequestAbort { .. } => {}
+            _ => {}
         }
     }
     if decision.next.phase().is_terminal() {
