@@ -27,6 +27,8 @@ enum Command {
     },
     /// Serve the embedded Kubernetes API server.
     Apiserver(ApiServerArgs),
+    /// Run a whole cluster on this machine: API server, agents, QEMU VMs.
+    Up(Box<ferry::cli::up::UpArgs>),
     /// The controller: schedules and supervises migrations.
     Controller(ControllerArgs),
     /// The node agent of one host.
@@ -47,6 +49,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => {
             daemons::init_tracing();
             daemons::apiserver(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Up(args) => {
+            daemons::init_tracing();
+            ferry::cli::up::up(*args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Controller(args) => {
             daemons::init_tracing();

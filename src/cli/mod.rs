@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod output;
 pub mod progress;
 pub mod status;
+pub mod up;
 
 use clap::{Args, Subcommand};
 
