@@ -338,6 +338,9 @@ pub struct Peaks {
     pub inbound: BTreeMap<String, usize>,
     /// VMs with two migrations in flight at once (must stay empty).
     pub doubled: BTreeSet<String>,
+    /// Each Migration's last recorded phase and `spec.cancel` (kept after
+    /// it is deleted).
+    pub last: BTreeMap<String, (MigrationPhase, bool)>,
 }
 
 fn in_flight(p: MigrationPhase) -> bool {
@@ -372,6 +375,10 @@ pub fn watch_limits(client: kube::Client, stop: CancellationToken) -> Arc<Mutex<
                 m,
             );
             let mut p = peaks.lock().unwrap();
+            for (k, m) in &state {
+                let phase = m.status.as_ref().map(|s| s.phase).unwrap_or_default();
+                p.last.insert(k.clone(), (phase, m.spec.cancel));
+            }
             let (mut total, mut outb, mut inb) = (
                 0,
                 BTreeMap::<String, usize>::new(),
