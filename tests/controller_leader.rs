@@ -268,3 +268,74 @@ async fn two_controllers_at_once_drain_each_vm_once_and_report_their_roles() {
     .await;
     standby.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_takes_over_late_gives_every_host_a_fresh_grace() {
+    let cluster = Cluster::start(2, Duration::from_millis(100)).await;
+    let (code, body) = common::post(
+        &cluster.client,
+        "/apis/ferry.dev/v1alpha1/migrationpolicies",
+        json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "MigrationPolicy",
+            "metadata": {"name": "cluster"},
+            "spec": {"resilience": {"fenceAfter": "1s", "evacuateAfter": "3s"}},
+        }),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    // Another replica holds the controller Lease (an elector alone: it
+    // judges no host).
+    let mut other = Elector::new(cluster.client.clone(), config("other"));
+    assert!(matches!(
+        other.step().await.unwrap(),
+        leader::Step::Held { .. }
+    ));
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(cluster.client.clone(), "ferry-system");
+    let holder = |leases: Api<k8s_openapi::api::coordination::v1::Lease>| async move {
+        leases
+            .get(leader::LEASE_NAME)
+            .await
+            .ok()?
+            .spec?
+            .holder_identity
+    };
+    // Every phase any host ever shows.
+    let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let record = seen.clone();
+    let hosts_api: Api<ferry::api::Host> = Api::all(cluster.client.clone());
+    let watch = tokio::spawn(async move {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let stream = watcher(hosts_api, watcher::Config::default()).applied_objects();
+        futures::pin_mut!(stream);
+        while let Some(Ok(h)) = stream.next().await {
+            let phase = h.status.map(|s| s.phase).unwrap_or_default();
+            record.lock().unwrap().insert(format!("{phase:?}"));
+        }
+    });
+    // h1's agent has never renewed (no Lease): its grace counts from the
+    // start of the term that judges it.
+    leases.delete("h1", &Default::default()).await.unwrap();
+    let b = cluster.controller("ctl-b");
+    // The standby waits longer than evacuateAfter before it leads.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(matches!(
+            other.step().await.unwrap(),
+            leader::Step::Held { .. }
+        ));
+    }
+    other.release().await.unwrap();
+    within(10, "ctl-b leads", || async {
+        (holder(leases.clone()).await.as_deref() == Some("ctl-b")).then_some(())
+    })
+    .await;
+    // Several host passes later (within the new term's grace of 3 s), the
+    // hosts have never been anything but Active.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    watch.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["Active"]);
+    b.shutdown().await;
+}

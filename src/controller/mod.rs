@@ -360,6 +360,12 @@ pub async fn run_with(
 
 /// The leader's loops, until `term`.
 async fn lead(ctx: Arc<Ctx>, term: CancellationToken) {
+    // A new term judges host silence from now: a standby saw no renewals
+    // (the hosts loop did not run), and counting from its own start would
+    // fence every host at once. Reservations of an earlier term are void.
+    *ctx.leases_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+        health::LeaseTracker::new(Instant::now());
+    *ctx.recent.lock().await = Recent::default();
     let _ = tokio::join!(
         tokio::spawn(periodic(ctx.clone(), term.clone())),
         tokio::spawn(migration::run(ctx.clone(), term.clone())),
