@@ -295,3 +295,17 @@ async fn non_migratable_vms_block_the_drain_or_are_stopped_for_it() {
     .await;
     ctl.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_its_deadline_fails_and_says_why() {
+    // Transfers that never finish within the test.
+    let cluster = Cluster::start(2, Duration::from_secs(600)).await;
+    cluster.add_vm("slow", "h0", 128, true).await;
+    let ctl = cluster.controller("ctl-a");
+    maintain(&cluster, "hurry", "h0", json!({"deadline": "2s"})).await;
+    let hm = wait_phase(&cluster, "hurry", MaintenancePhase::Failed, 30).await;
+    let s = hm.status.unwrap();
+    assert_eq!(s.vms_remaining, 1);
+    assert!(s.message.unwrap().contains("deadline passed"));
+    ctl.shutdown().await;
+}

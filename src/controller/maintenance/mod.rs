@@ -264,9 +264,6 @@ async fn drain(
         &ctx.config.drain_retry,
         t,
     );
-    for step in &a.acts {
-        act::carry_out(ctx, recorder, hm, step).await?;
-    }
     let started = hm
         .metadata
         .creation_timestamp
@@ -278,6 +275,15 @@ async fn drain(
         .deadline
         .as_ref()
         .is_some_and(|d| t.since(started) >= d.get());
+    // Past the deadline the drain gives up: nothing new is started (what
+    // is in flight finishes under its own deadlines).
+    for step in a
+        .acts
+        .iter()
+        .filter(|s| !(late && matches!(s, assess::Act::Create { .. })))
+    {
+        act::carry_out(ctx, recorder, hm, step).await?;
+    }
     let only_final = !a.blocked.is_empty() && a.moving == 0 && a.blocked.iter().all(|b| b.fin);
     let (phase, message) = if a.remaining == 0 {
         (MaintenancePhase::Completed, format!("{host} is empty"))
@@ -312,7 +318,7 @@ async fn drain(
             names.push(n);
         }
     }
-    for step in &a.acts {
+    for step in a.acts.iter().filter(|_| !late) {
         if let assess::Act::Create { vm, index, .. } = step {
             let n = act::migration_name(&name, vm, *index);
             if !names.contains(&n) {
