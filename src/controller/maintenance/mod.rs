@@ -34,8 +34,8 @@
 
 mod act;
 pub mod assess;
+mod plan;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,16 +48,11 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::maintenance::{
-    Blocker, DrainPlan as ApiPlan, HostMaintenanceStatus, MaintenancePhase, NonMigratable,
-    PlanEntry as ApiEntry,
-};
+use crate::api::maintenance::{Blocker, HostMaintenanceStatus, MaintenancePhase, NonMigratable};
 use crate::api::{HostMaintenance, MAINTENANCE_LABEL, Migration, MigrationPhase};
-use crate::core::drain::{self, DrainRequest, Outcome};
-use crate::core::policy::Bandwidth;
-use crate::core::time::{GIB, Timestamp};
+use crate::core::time::Timestamp;
 
-use super::snapshot::{self, id};
+use super::snapshot;
 use super::status::to_core;
 use super::{ControllerError, Ctx};
 use assess::{AttemptView, VmView};
@@ -71,9 +66,6 @@ pub const ATTEMPT_LABEL: &str = "ferry.dev/attempt";
 /// How often a draining maintenance is looked at besides its triggers (VM
 /// moves do not trigger it).
 const POLL: Duration = Duration::from_secs(2);
-/// The migration network's bandwidth assumed by a plan when the policy sets
-/// no limit: 10 Gbit/s, the common migration network.
-const DEFAULT_LINK: u64 = 10 * GIB / 8;
 
 type Context = (Arc<Ctx>, Arc<Recorder>);
 
@@ -191,7 +183,7 @@ async fn reconcile(
     let status = hm.status.clone().unwrap_or_default();
     if hm.spec.dry_run {
         if status.phase == MaintenancePhase::Pending {
-            let next = dry_run(ctx, &hm);
+            let next = plan::dry_run(ctx, &hm);
             let phase = next.phase;
             write_status(&api, &hm, &next).await?;
             publish(
@@ -366,135 +358,6 @@ async fn drain(
         ),
         _ => Requeue::await_change(),
     })
-}
-
-/// The dry run: the plan, nothing moved.
-fn dry_run(ctx: &Ctx, hm: &HostMaintenance) -> HostMaintenanceStatus {
-    let host = hm.spec.host.as_str();
-    let snap = snapshot::build(
-        &ctx.hosts.state(),
-        &ctx.vms.state(),
-        &ctx.migrations.state(),
-        &Default::default(),
-    );
-    let policy = match &hm.spec.policy {
-        Some(p) => ctx.policy_for(None, Some(p)).1,
-        None => ctx.cluster_policy(),
-    };
-    // The latest dirty rate each VM showed in a migration.
-    let mut dirty: HashMap<String, (Timestamp, u64)> = HashMap::new();
-    for m in ctx.migrations.state() {
-        let Some(s) = &m.status else { continue };
-        let Some(p) = &s.progress else { continue };
-        let at = m
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(to_core)
-            .unwrap_or_default();
-        let key = id(&m.namespace().unwrap_or_default(), &m.spec.vm_name);
-        let e = dirty.entry(key).or_insert((at, p.dirty_rate));
-        if at >= e.0 {
-            *e = (at, p.dirty_rate);
-        }
-    }
-    let dirty_rates = dirty.into_iter().map(|(k, (_, r))| (k, r)).collect();
-    let concurrency = policy
-        .limits
-        .outbound_per_host
-        .min(policy.limits.per_cluster)
-        .max(1);
-    let link_bandwidth = match policy.bandwidth {
-        Bandwidth::Custom { bytes_per_sec } => bytes_per_sec.saturating_mul(u64::from(concurrency)),
-        _ => DEFAULT_LINK,
-    };
-    let req = DrainRequest {
-        host,
-        target: hm.spec.target_host.as_deref(),
-        non_migratable: match hm.spec.non_migratable {
-            NonMigratable::Block => drain::NonMigratable::Block,
-            NonMigratable::Stop => drain::NonMigratable::Stop,
-        },
-        dirty_rates: &dirty_rates,
-        link_bandwidth,
-    };
-    match drain::plan(&snap, &policy, &req, now()) {
-        Err(e) => HostMaintenanceStatus {
-            phase: MaintenancePhase::Failed,
-            message: Some(format!("cannot plan the drain ({}): {e}", e.reason())),
-            observed_generation: hm.metadata.generation,
-            ..HostMaintenanceStatus::default()
-        },
-        Ok(plan) => {
-            let split = |vm: &str| match vm.split_once('/') {
-                Some((ns, n)) => (ns.to_string(), n.to_string()),
-                None => (String::new(), vm.to_string()),
-            };
-            let blockers: Vec<Blocker> = plan
-                .blockers()
-                .map(|(vm, b)| {
-                    let (namespace, vm) = split(vm);
-                    Blocker {
-                        namespace,
-                        vm,
-                        reason: b.reason().into(),
-                        message: b.message(),
-                    }
-                })
-                .collect();
-            let entries: Vec<ApiEntry> = plan
-                .entries
-                .iter()
-                .map(|e| {
-                    let (namespace, vm) = split(&e.vm);
-                    let (target, blocker, secs) = match &e.outcome {
-                        Outcome::Migrate {
-                            target, duration, ..
-                        } => (Some(target.clone()), None, duration.as_secs()),
-                        Outcome::Stop => (
-                            None,
-                            Some("Stopped: not migratable, nonMigratable is Stop".to_string()),
-                            0,
-                        ),
-                        Outcome::AlreadyMoving { target } => (target.clone(), None, 0),
-                        Outcome::Blocked(b) => {
-                            (None, Some(format!("{}: {}", b.reason(), b.message())), 0)
-                        }
-                    };
-                    ApiEntry {
-                        namespace,
-                        vm,
-                        target,
-                        blocker,
-                        estimated_seconds: secs,
-                    }
-                })
-                .collect();
-            let total = u32::try_from(entries.len()).unwrap_or(u32::MAX);
-            let message = format!(
-                "dry run: {} VMs, {} blocked, about {} s at {} at once (ideal {} s)",
-                total,
-                blockers.len(),
-                plan.estimated_total.as_secs(),
-                plan.concurrency,
-                plan.ideal.as_secs()
-            );
-            HostMaintenanceStatus {
-                phase: MaintenancePhase::Planned,
-                vms_total: total,
-                vms_remaining: total,
-                vms_blocked: u32::try_from(blockers.len()).unwrap_or(u32::MAX),
-                blockers,
-                plan: Some(ApiPlan {
-                    entries,
-                    estimated_seconds: plan.estimated_total.as_secs(),
-                }),
-                message: Some(message),
-                observed_generation: hm.metadata.generation,
-                ..HostMaintenanceStatus::default()
-            }
-        }
-    }
 }
 
 async fn write_status(
