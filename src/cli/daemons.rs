@@ -234,6 +234,9 @@ pub struct ControllerArgs {
     /// The agents' Lease duration: a host silent this long is Unreachable.
     #[arg(long, default_value = "10s")]
     pub lease_duration: ApiDuration,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` here.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Run the controller until Ctrl-C or SIGTERM.
@@ -241,6 +244,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let client = crate::cli::client::connect_path(args.kubeconfig.as_deref()).await?;
     let config = crate::controller::ControllerConfig {
         lease_duration: args.lease_duration.get(),
+        metrics_listen: args.metrics_listen,
         ..crate::controller::ControllerConfig::default()
     };
     let shutdown = CancellationToken::new();

@@ -9,8 +9,14 @@
 //!      ├─ Migration controller (kube-runtime): observe → core::migration::decide → act
 //!      ├─ hosts loop (every second): Lease silence → Host phase; Fenced → Evacuate migrations
 //!      ├─ placement loop: VMs without a host → core::scheduler::place → status.host
-//!      └─ HostMaintenance controller: cordon, one Migration per VM, progress, blockers
+//!      ├─ HostMaintenance controller: cordon, one Migration per VM, progress, blockers
+//!      ├─ balancing loop: core::scheduler::balance → automatic Migrations
+//!      └─ metrics: Migration cache → Prometheus (/metrics, /healthz, /readyz)
 //! ```
+//!
+//! Only the holder of the `ferry-controller` Lease runs the loops
+//! ([`leader`]); a standby keeps its caches warm and takes over when the
+//! Lease lapses.
 //!
 //! Everything is recomputed from the API: a restarted controller resumes
 //! every migration from its recorded status. Decisions that the caches may
@@ -18,8 +24,12 @@
 //! [`Ctx::recent`] until the caches catch up, so two reconciles never both
 //! take the last slot.
 
+pub mod balancing;
 pub mod health;
 mod hosts;
+pub mod leader;
+pub mod maintenance;
+pub mod metrics;
 mod migration;
 mod placement;
 pub mod snapshot;
@@ -51,6 +61,15 @@ pub struct ControllerConfig {
     pub lease_duration: Duration,
     /// How often the host and placement loops run.
     pub tick: Duration,
+    /// This replica's identity in the leader election.
+    pub identity: String,
+    /// The controller Lease's duration (a leader that cannot renew for
+    /// this long stops acting).
+    pub leader_lease: Duration,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Retries of a drain's failed migrations, and quarantine.
+    pub drain_retry: crate::core::drain::RetryPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -58,6 +77,14 @@ impl Default for ControllerConfig {
         Self {
             lease_duration: Duration::from_secs(10),
             tick: Duration::from_secs(1),
+            identity: format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "ferry-controller".into()),
+                uuid::Uuid::new_v4().simple()
+            ),
+            leader_lease: Duration::from_secs(15),
+            metrics_listen: None,
+            drain_retry: crate::core::drain::RetryPolicy::default(),
         }
     }
 }
@@ -72,6 +99,14 @@ pub enum ControllerError {
         what: &'static str,
         /// Cause.
         source: Box<kube::Error>,
+    },
+    /// The metrics endpoint could not listen.
+    #[error("listening for metrics on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
     },
 }
 
@@ -88,6 +123,7 @@ impl ControllerError {
     pub fn reason(&self) -> &'static str {
         match self {
             ControllerError::Api { .. } => "ApiError",
+            ControllerError::Listen { .. } => "ListenFailed",
         }
     }
 }
@@ -227,6 +263,44 @@ pub async fn run(
     config: ControllerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
+    let listener = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ControllerError::Listen { addr, source })?,
+        ),
+    };
+    run_with(client, config, listener, shutdown).await
+}
+
+/// Run the controller until `shutdown`, serving the metrics and health
+/// endpoints on `listener` when given.
+pub async fn run_with(
+    client: kube::Client,
+    config: ControllerConfig,
+    listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    let (role_tx, role_rx) = tokio::sync::watch::channel(leader::Role::Starting);
+    let started = crate::core::time::Timestamp::from_millis(
+        k8s_openapi::jiff::Timestamp::now().as_millisecond(),
+    );
+    let endpoint = metrics::Endpoint {
+        metrics: Arc::new(metrics::Metrics::new(started)),
+        health: Arc::new(metrics::Health {
+            synced: std::sync::atomic::AtomicBool::new(false),
+            role: role_rx,
+        }),
+    };
+    if let Some(listener) = listener {
+        let (state, stop) = (endpoint.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, state, stop).await {
+                tracing::error!(error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         config: config.clone(),
@@ -258,11 +332,57 @@ pub async fn run(
         }
     }
     tracing::info!("controller caches synced");
-    let loops = tokio::spawn(periodic(ctx.clone(), shutdown.clone()));
-    let migrations = tokio::spawn(migration::run(ctx.clone(), shutdown.clone()));
-    shutdown.cancelled().await;
-    let _ = tokio::join!(loops, migrations);
+    endpoint
+        .health
+        .synced
+        .store(true, std::sync::atomic::Ordering::Release);
+    tokio::spawn(observe(
+        ctx.clone(),
+        endpoint.metrics.clone(),
+        shutdown.clone(),
+    ));
+    let elector = leader::Elector::new(
+        client,
+        leader::LeaderConfig {
+            namespace: SYSTEM_NAMESPACE.to_string(),
+            name: leader::LEASE_NAME.to_string(),
+            identity: config.identity.clone(),
+            lease_duration: config.leader_lease,
+            retry_period: config.leader_lease / 3,
+        },
+    );
+    leader::run(elector, role_tx, shutdown, move |term| {
+        lead(ctx.clone(), term)
+    })
+    .await;
     Ok(())
+}
+
+/// The leader's loops, until `term`.
+async fn lead(ctx: Arc<Ctx>, term: CancellationToken) {
+    // A new term judges host silence from now: a standby saw no renewals
+    // (the hosts loop did not run), and counting from its own start would
+    // fence every host at once. Reservations of an earlier term are void.
+    *ctx.leases_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+        health::LeaseTracker::new(Instant::now());
+    *ctx.recent.lock().await = Recent::default();
+    let _ = tokio::join!(
+        tokio::spawn(periodic(ctx.clone(), term.clone())),
+        tokio::spawn(migration::run(ctx.clone(), term.clone())),
+        tokio::spawn(maintenance::run(ctx.clone(), term.clone())),
+        tokio::spawn(balancing::run(ctx.clone(), term.clone())),
+    );
+}
+
+/// Keep the metrics current from the Migration cache.
+async fn observe(ctx: Arc<Ctx>, metrics: Arc<metrics::Metrics>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.config.tick);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => metrics.observe(&ctx.migrations.state()),
+        }
+    }
 }
 
 /// The host and placement loops.

@@ -1,0 +1,430 @@
+//! A cluster for controller tests: the embedded API server with Ferry's
+//! CRDs, Host objects with renewed Leases, and *simulated agents* — a test
+//! double that obeys the agent protocol by patching Migration status
+//! (target `Ready`; source `Transferring`, then `SwitchedOver` after a set
+//! transfer time, or `Aborted` when the controller asks) — plus a watcher
+//! that checks the concurrency limits at every change the API records.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{ResourceExt, runtime::WatchStreamExt};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use ferry::api::{AgentState, Host, Migration, MigrationPhase, VirtualMachine};
+use ferry::controller::ControllerConfig;
+
+use crate::common::TestServer;
+
+/// The namespace of the test VMs.
+pub const NS: &str = "default";
+
+/// A running API server with CRDs, hosts and simulated agents.
+pub struct Cluster {
+    pub server: TestServer,
+    pub client: kube::Client,
+    pub stop: CancellationToken,
+    pub agents: Arc<AgentLog>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What the simulated agents did.
+#[derive(Default)]
+pub struct AgentLog {
+    /// VM → how many times it switched over to another host.
+    pub moves: Mutex<BTreeMap<String, u32>>,
+    /// Migration → when its transfer began (on the agents' clock).
+    started: Mutex<BTreeMap<String, tokio::time::Instant>>,
+}
+
+impl Cluster {
+    /// Start a server, install the CRDs, create `hosts` hosts (`h0`, …)
+    /// with Leases renewed every 300 ms, and run simulated agents whose
+    /// transfers take `transfer`.
+    pub async fn start(hosts: usize, transfer: Duration) -> Self {
+        let server = TestServer::start().await;
+        let client = server.admin().await;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in ferry::api::crds() {
+            crds.create(&PostParams::default(), &crd).await.unwrap();
+        }
+        let hosts_api: Api<Host> = Api::all(client.clone());
+        crate::common::eventually(|| {
+            let h = hosts_api.clone();
+            async move { h.list(&Default::default()).await.ok().map(|_| ()) }
+        })
+        .await;
+        let ns: Api<Namespace> = Api::all(client.clone());
+        ns.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "ferry-system"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+        let stop = CancellationToken::new();
+        let mut cluster = Self {
+            server,
+            client: client.clone(),
+            stop: stop.clone(),
+            agents: Arc::new(AgentLog::default()),
+            tasks: Vec::new(),
+        };
+        for i in 0..hosts {
+            cluster.add_host(&format!("h{i}")).await;
+        }
+        let names: Vec<String> = (0..hosts).map(|i| format!("h{i}")).collect();
+        cluster.tasks.push(tokio::spawn(renew_leases(
+            client.clone(),
+            names,
+            stop.clone(),
+        )));
+        cluster.tasks.push(tokio::spawn(simulate_agents(
+            client.clone(),
+            cluster.agents.clone(),
+            transfer,
+            stop.clone(),
+        )));
+        cluster
+    }
+
+    /// Create a host with room for many VMs.
+    pub async fn add_host(&self, name: &str) {
+        let api: Api<Host> = Api::all(self.client.clone());
+        let host: Host = serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "Host",
+            "metadata": {"name": name},
+            "spec": {"cluster": "default"},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &host).await.unwrap();
+        let status = json!({"status": {
+            "phase": "Active",
+            "capacity": {"cpus": 64, "memory": "256Gi"},
+            "cpuModel": "qemu64",
+            "agentVersion": "0.1.0",
+        }});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "ferry-system");
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 10},
+        }))
+        .unwrap();
+        leases.create(&PostParams::default(), &lease).await.unwrap();
+    }
+
+    /// Create a running VM placed on `host`.
+    pub async fn add_vm(&self, name: &str, host: &str, memory_mib: u32, migratable: bool) {
+        let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), NS);
+        let vm: VirtualMachine = serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"memory": format!("{memory_mib}Mi"), "cpus": 1, "migratable": migratable,
+                     "boot": {"kernel": {"kernel": "/images/vmlinuz"}}},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &vm).await.unwrap();
+        let status = json!({"status": {"phase": "Running", "host": host}});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+
+    /// Set the cluster-wide policy's limits (a MigrationPolicy with empty
+    /// selectors applies to every VM).
+    pub async fn set_limits(&self, cluster: u32, outbound: u32, inbound: u32) {
+        let (code, body) = crate::common::post(
+            &self.client,
+            "/apis/ferry.dev/v1alpha1/migrationpolicies",
+            json!({
+                "apiVersion": "ferry.dev/v1alpha1", "kind": "MigrationPolicy",
+                "metadata": {"name": "cluster"},
+                "spec": {"limits": {
+                    "parallelMigrationsPerCluster": cluster,
+                    "parallelOutboundPerHost": outbound,
+                    "parallelInboundPerHost": inbound,
+                }},
+            }),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+
+    /// Where each VM runs.
+    pub async fn placement(&self) -> BTreeMap<String, Option<String>> {
+        let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), NS);
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.name_any(), v.status.and_then(|s| s.host)))
+            .collect()
+    }
+
+    /// Start a controller (fast ticks, a short leader Lease).
+    pub fn controller(&self, identity: &str) -> Controller {
+        self.controller_with(identity, None)
+    }
+
+    /// Start a controller serving metrics on `listener`.
+    pub fn controller_with(
+        &self,
+        identity: &str,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Controller {
+        let config = ControllerConfig {
+            tick: Duration::from_millis(200),
+            identity: identity.to_string(),
+            leader_lease: Duration::from_secs(3),
+            drain_retry: ferry::core::drain::RetryPolicy {
+                base: Duration::from_millis(200),
+                ..Default::default()
+            },
+            ..ControllerConfig::default()
+        };
+        let stop = self.stop.child_token();
+        let task = tokio::spawn(ferry::controller::run_with(
+            self.client.clone(),
+            config,
+            listener,
+            stop.clone(),
+        ));
+        Controller { stop, task }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A running controller.
+pub struct Controller {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<(), ferry::controller::ControllerError>>,
+}
+
+impl Controller {
+    /// Stop it gracefully (it releases the Lease) and wait.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// Kill it: no graceful shutdown, the Lease is left to lapse.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+async fn renew_leases(client: kube::Client, hosts: Vec<String>, stop: CancellationToken) {
+    let leases: Api<Lease> = Api::namespaced(client, "ferry-system");
+    loop {
+        for h in &hosts {
+            let patch =
+                json!({"spec": {"renewTime": MicroTime(k8s_openapi::jiff::Timestamp::now())}});
+            let _ = leases
+                .patch(h, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+}
+
+fn report(state: AgentState) -> serde_json::Value {
+    json!({"state": state, "time": k8s_openapi::jiff::Timestamp::now().to_string()})
+}
+
+/// The simulated agents: one pass over every Migration every 50 ms.
+async fn simulate_agents(
+    client: kube::Client,
+    log: Arc<AgentLog>,
+    transfer: Duration,
+    stop: CancellationToken,
+) {
+    let api: Api<Migration> = Api::all(client.clone());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        let Ok(list) = api.list(&Default::default()).await else {
+            continue;
+        };
+        for m in list {
+            let ns = m.namespace().unwrap_or_default();
+            let key = format!("{ns}/{}", m.name_any());
+            let status = m.status.clone().unwrap_or_default();
+            let target = status.target.as_ref().map(|r| r.state);
+            let source = status.source.as_ref().map(|r| r.state);
+            let patch = match status.phase {
+                MigrationPhase::PreparingTarget if target.is_none() => {
+                    Some(json!({"status": {"target": report(AgentState::Ready)}}))
+                }
+                MigrationPhase::Running
+                    if m.spec.cancel && source != Some(AgentState::SwitchedOver) =>
+                {
+                    (source != Some(AgentState::Aborted))
+                        .then(|| json!({"status": {"source": report(AgentState::Aborted)}}))
+                }
+                MigrationPhase::Running if source.is_none() => {
+                    log.started
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), tokio::time::Instant::now());
+                    Some(json!({"status": {"source": report(AgentState::Transferring)}}))
+                }
+                MigrationPhase::Running if source == Some(AgentState::Transferring) => {
+                    let begun = log.started.lock().unwrap().get(&key).copied();
+                    match begun {
+                        // A transfer begun before a restart of this double.
+                        None => {
+                            log.started
+                                .lock()
+                                .unwrap()
+                                .insert(key.clone(), tokio::time::Instant::now());
+                            None
+                        }
+                        Some(t) if t.elapsed() >= transfer => {
+                            *log.moves
+                                .lock()
+                                .unwrap()
+                                .entry(m.spec.vm_name.clone())
+                                .or_default() += 1;
+                            Some(
+                                json!({"status": {"source": report(AgentState::SwitchedOver), "downtimeMs": 12}}),
+                            )
+                        }
+                        Some(_) => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(p) = patch {
+                let api: Api<Migration> = Api::namespaced(client.clone(), &ns);
+                let _ = api
+                    .patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(&p))
+                    .await;
+            }
+        }
+    }
+}
+
+/// The highest concurrency seen at any recorded instant.
+#[derive(Debug, Default, Clone)]
+pub struct Peaks {
+    pub cluster: usize,
+    pub outbound: BTreeMap<String, usize>,
+    pub inbound: BTreeMap<String, usize>,
+    /// VMs with two migrations in flight at once (must stay empty).
+    pub doubled: BTreeSet<String>,
+    /// Each Migration's last recorded phase and `spec.cancel` (kept after
+    /// it is deleted).
+    pub last: BTreeMap<String, (MigrationPhase, bool)>,
+}
+
+fn in_flight(p: MigrationPhase) -> bool {
+    matches!(
+        p,
+        MigrationPhase::Scheduled
+            | MigrationPhase::PreparingTarget
+            | MigrationPhase::Running
+            | MigrationPhase::PostCopy
+            | MigrationPhase::Completing
+    )
+}
+
+/// Watch every Migration and record the peaks of in-flight migrations,
+/// evaluated after each change in the order the API server recorded them.
+pub fn watch_limits(client: kube::Client, stop: CancellationToken) -> Arc<Mutex<Peaks>> {
+    let peaks = Arc::new(Mutex::new(Peaks::default()));
+    let out = peaks.clone();
+    tokio::spawn(async move {
+        let api: Api<Migration> = Api::all(client);
+        let stream = watcher(api, watcher::Config::default()).applied_objects();
+        futures::pin_mut!(stream);
+        let mut state: BTreeMap<String, Migration> = BTreeMap::new();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = stream.next() => n,
+            };
+            let Some(Ok(m)) = next else { continue };
+            state.insert(
+                format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()),
+                m,
+            );
+            let mut p = peaks.lock().unwrap();
+            for (k, m) in &state {
+                let phase = m.status.as_ref().map(|s| s.phase).unwrap_or_default();
+                p.last.insert(k.clone(), (phase, m.spec.cancel));
+            }
+            let (mut total, mut outb, mut inb) = (
+                0,
+                BTreeMap::<String, usize>::new(),
+                BTreeMap::<String, usize>::new(),
+            );
+            let mut vms = BTreeSet::new();
+            for m in state.values() {
+                let s = m.status.clone().unwrap_or_default();
+                if !in_flight(s.phase) {
+                    continue;
+                }
+                total += 1;
+                *outb
+                    .entry(s.source_host.clone().unwrap_or_default())
+                    .or_default() += 1;
+                *inb.entry(s.target_host.clone().unwrap_or_default())
+                    .or_default() += 1;
+                if !vms.insert(m.spec.vm_name.clone()) {
+                    p.doubled.insert(m.spec.vm_name.clone());
+                }
+            }
+            p.cluster = p.cluster.max(total);
+            for (h, n) in outb {
+                let e = p.outbound.entry(h).or_default();
+                *e = (*e).max(n);
+            }
+            for (h, n) in inb {
+                let e = p.inbound.entry(h).or_default();
+                *e = (*e).max(n);
+            }
+        }
+    });
+    out
+}
+
+/// Poll `f` every 100 ms until it returns Some, for up to `secs` seconds.
+pub async fn within<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..secs * 10 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {secs} s");
+}
