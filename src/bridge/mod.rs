@@ -2,4 +2,5 @@
 //! controller and the agents both need, in one place so that they can never
 //! disagree (for example on which policy applies to a VM).
 
+pub mod conditions;
 pub mod policy;

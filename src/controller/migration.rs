@@ -30,9 +30,7 @@ use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
 use crate::core::time::Timestamp;
 
 use super::snapshot::{self, id};
-use super::status::{
-    self, phase_of, source_report, state_of, status_patch, target_report, to_core,
-};
+use super::status::{phase_of, source_report, state_of, status_patch, target_report, to_core};
 use super::{ControllerError, Ctx};
 
 /// The finalizer that lets a deleted Migration be cancelled first.
@@ -48,8 +46,14 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             instance: std::env::var("HOSTNAME").ok(),
         },
     ));
+    // A finished migration frees a slot: look at the queue again at once.
+    let freed = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        ctx.slot_freed.notified().await;
+        Some(((), ctx))
+    });
     let context = Arc::new((ctx, recorder));
     Controller::new(api, watcher::Config::default())
+        .reconcile_all_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|r| async move {
@@ -409,11 +413,23 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 patch_vm(&vms, &m.spec.vm_name, &patch).await?;
             }
             Action::MarkVmFailed { message } => {
-                let patch = serde_json::json!({"status": {"phase": "Failed", "conditions": [{
-                    "type": "Ready", "status": "False", "reason": "PostCopyInterrupted", "message": message,
-                    "lastTransitionTime": status::to_api(now()),
-                }]}});
-                patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+                if let Some(vm) = &vm {
+                    let existing = vm.status.clone().unwrap_or_default().conditions;
+                    let patch = crate::bridge::conditions::guarded_patch(
+                        vm.metadata.resource_version.clone(),
+                        serde_json::json!({"phase": "Failed"}),
+                        crate::bridge::conditions::upsert(
+                            &existing,
+                            crate::bridge::conditions::new(
+                                "Ready",
+                                false,
+                                "PostCopyInterrupted",
+                                message,
+                            ),
+                        ),
+                    );
+                    patch_vm(&vms, &m.spec.vm_name, &patch).await?;
+                }
             }
             Action::RemoveFinalizer
             | Action::EmitEvent { .. }
@@ -512,6 +528,9 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
             }
             _ => {}
         }
+    }
+    if decision.next.phase().is_terminal() && !state.phase().is_terminal() {
+        ctx.slot_freed.notify_one();
     }
     if decision.next.phase().is_terminal() {
         let mut recent = ctx.recent.lock().await;

@@ -180,6 +180,9 @@ pub struct Ctx {
     pub recent: Mutex<Recent>,
     /// Lease renewals seen.
     pub leases_seen: std::sync::Mutex<health::LeaseTracker>,
+    /// Woken when a migration leaves the limits' count (it finished), so
+    /// queued migrations are looked at again at once, not at the next poll.
+    pub slot_freed: tokio::sync::Notify,
 }
 
 impl Ctx {
@@ -316,6 +319,7 @@ pub async fn run_with(
         maintenances: store(Api::<HostMaintenance>::all(client.clone()), &shutdown),
         recent: Mutex::default(),
         leases_seen: std::sync::Mutex::new(health::LeaseTracker::new(Instant::now())),
+        slot_freed: tokio::sync::Notify::new(),
     });
     for ready in [
         ctx.vms.wait_until_ready().boxed(),

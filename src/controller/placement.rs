@@ -14,6 +14,8 @@ use crate::api::{VirtualMachine, VmPhase};
 use crate::core::scheduler::{self, InFlight, PlacementRequest};
 use crate::core::time::Timestamp;
 
+use crate::bridge::conditions;
+
 use super::snapshot::{self, id};
 use super::{ControllerError, Ctx};
 
@@ -80,56 +82,56 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
         let now = Timestamp::from_millis(Jiff::now().as_millisecond());
         let api: Api<VirtualMachine> =
             Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-        let patch = match scheduler::place(&snap, &policy, &request, now) {
+        let (fields, condition, chosen) = match scheduler::place(&snap, &policy, &request, now) {
             Ok(decision) => match &decision.chosen {
-                Some(host) => {
-                    recent
-                        .placed
-                        .insert(vm_id.clone(), (host.clone(), Instant::now()));
-                    tracing::info!(vm = %vm_id, %host, "{}", decision.summary());
-                    serde_json::json!({"status": {
-                        "host": host,
-                        "phase": VmPhase::Scheduled,
-                        "conditions": [condition("True", "Scheduled", &decision.summary())],
-                    }})
-                }
-                None => serde_json::json!({"status": {
-                    "phase": VmPhase::Pending,
-                    "conditions": [condition("False", "NoHostFits", &decision.summary())],
-                }}),
+                Some(host) => (
+                    serde_json::json!({"host": host, "phase": VmPhase::Scheduled}),
+                    conditions::new("Scheduled", true, "Scheduled", &decision.summary()),
+                    Some(host.clone()),
+                ),
+                None => (
+                    serde_json::json!({"phase": VmPhase::Pending}),
+                    conditions::new("Scheduled", false, "NoHostFits", &decision.summary()),
+                    None,
+                ),
             },
-            Err(e) => serde_json::json!({"status": {
-                "phase": VmPhase::Pending,
-                "conditions": [condition("False", "NoHostFits", &e.to_string())],
-            }}),
+            Err(e) => (
+                serde_json::json!({"phase": VmPhase::Pending}),
+                conditions::new("Scheduled", false, "NoHostFits", &e.to_string()),
+                None,
+            ),
         };
-        let unchanged = vm.status.as_ref().is_some_and(|s| {
-            s.conditions.iter().any(|c| {
-                c.type_ == "Scheduled"
-                    && Some(c.message.as_str())
-                        == patch["status"]["conditions"][0]["message"].as_str()
-            })
-        });
+        let existing = vm.status.clone().unwrap_or_default().conditions;
+        let unchanged = chosen.is_none()
+            && existing
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.message == condition.message);
         if unchanged {
             continue;
         }
-        api.patch_status(
-            &vm.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map_err(ControllerError::api("placing a VM"))?;
+        let patch = conditions::guarded_patch(
+            vm.metadata.resource_version.clone(),
+            fields,
+            conditions::upsert(&existing, condition.clone()),
+        );
+        match api
+            .patch_status(
+                &vm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Some(host) = chosen {
+                    tracing::info!(vm = %vm_id, %host, "{}", condition.message);
+                    recent.placed.insert(vm_id.clone(), (host, Instant::now()));
+                }
+            }
+            // Another writer changed the VM: place it on the next pass.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => return Err(ControllerError::api("placing a VM")(e)),
+        }
     }
     Ok(())
-}
-
-fn condition(status: &str, reason: &str, message: &str) -> serde_json::Value {
-    serde_json::json!({
-        "type": "Scheduled",
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Jiff::now()),
-    })
 }

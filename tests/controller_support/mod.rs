@@ -59,12 +59,23 @@ impl Cluster {
         for crd in ferry::api::crds() {
             crds.create(&PostParams::default(), &crd).await.unwrap();
         }
-        let hosts_api: Api<Host> = Api::all(client.clone());
-        crate::common::eventually(|| {
-            let h = hosts_api.clone();
-            async move { h.list(&Default::default()).await.ok().map(|_| ()) }
-        })
-        .await;
+        // Every CRD is served before the test writes any of its kinds.
+        for crd in ferry::api::crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            crate::common::eventually(|| {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await.ok()?;
+                    crd.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            })
+            .await;
+        }
         let ns: Api<Namespace> = Api::all(client.clone());
         ns.create(
             &PostParams::default(),

@@ -6,7 +6,6 @@
 //! for `fenceAfter` stops its VMs, whether or not the agent still runs.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
@@ -131,15 +130,19 @@ impl HostPublisher {
         }
     }
 
-    /// One beat: renew the Lease, then refresh the Host's status with the
-    /// VMs this agent runs (`vms`: memory MiB and vCPUs of each).
-    pub async fn beat(
+    /// Make sure the Host exists, then renew the Lease.
+    pub async fn renew(&mut self, config: &AgentConfig) -> Result<(), AgentError> {
+        self.ensure_host(config).await?;
+        self.renew_lease(config).await
+    }
+
+    /// Refresh the Host's status with the VMs this agent runs (`vms`: memory
+    /// MiB and vCPUs of each).
+    pub async fn refresh(
         &mut self,
         config: &AgentConfig,
         vms: &[(u32, u32)],
     ) -> Result<(), AgentError> {
-        self.ensure_host(config).await?;
-        self.renew_lease(config).await?;
         let (mem_total, mem_available) = load::memory();
         let cpu_now = load::cpu_times();
         let cpu_percent = match (self.last_cpu, cpu_now) {
@@ -151,9 +154,13 @@ impl HostPublisher {
         let capacity_memory = config.capacity_memory.unwrap_or(mem_total);
         let allocated_mib: u64 = vms.iter().map(|(m, _)| u64::from(*m)).sum();
         let allocated_cpus: u32 = vms.iter().map(|(_, c)| *c).sum();
-        let free = capacity_memory
-            .saturating_sub(allocated_mib << 20)
-            .min(mem_available.max(capacity_memory));
+        // Simulated hosts (a configured capacity) report what their VMs
+        // leave free; real ones what the kernel says.
+        let free = if config.capacity_memory.is_some() {
+            capacity_memory.saturating_sub(allocated_mib << 20)
+        } else {
+            mem_available
+        };
         self.samples.push_back(LoadSample {
             time: Time(Timestamp::now()),
             cpu_percent,
@@ -205,9 +212,4 @@ pub async fn qemu_version(binary: &str) -> Result<String, AgentError> {
         .nth(1)
         .unwrap_or("unknown")
         .to_string())
-}
-
-/// How long to wait between beats.
-pub fn beat_interval(config: &AgentConfig) -> Duration {
-    config.renew_interval
 }

@@ -332,14 +332,20 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = beat.tick() => {
-                let running = vmloop::running_resources(&agent).await;
-                match publisher.beat(&config, &running).await {
+                // Date the heartbeat by when the renewal was sent: a slow
+                // reply can then only make the watchdog fence earlier.
+                let sent = std::time::SystemTime::now();
+                match publisher.renew(&config).await {
                     Ok(()) => {
-                        if let Err(e) = watchdog::touch(&config.state_dir, config.fence_after) {
+                        if let Err(e) = watchdog::touch_at(&config.state_dir, config.fence_after, sent) {
                             tracing::error!(error = %e, "cannot write the fencing heartbeat");
                         }
+                        let running = vmloop::running_resources(&agent).await;
+                        if let Err(e) = publisher.refresh(&config, &running).await {
+                            tracing::warn!(error = %error_chain(&e), "refreshing the host status failed");
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "host beat failed"),
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "renewing the host lease failed"),
                 }
             }
             _ = wake_rx.recv() => {}

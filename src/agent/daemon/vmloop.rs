@@ -12,7 +12,13 @@ use kube::{Api, ResourceExt};
 use crate::api::vm::{NetworkStatus, QemuStatus, RunStrategy};
 use crate::api::{VirtualMachine, VmPhase};
 
+use crate::bridge::conditions;
+
 use super::Agent;
+
+/// The condition with which a drain keeps a VM stopped
+/// (`controller::maintenance::STOPPED_CONDITION`).
+pub const MAINTENANCE_STOPPED: &str = "MaintenanceStopped";
 use super::machine::{effective_mac, effective_uuid, machine_spec};
 use super::plan::{DesiredVm, VmAction, local_name, plan};
 
@@ -44,7 +50,13 @@ pub async fn reconcile(agent: &Agent) {
         .iter()
         .map(|vm| DesiredVm {
             name: local_name(&vm.namespace().unwrap_or_default(), &vm.name_any()),
-            run: vm.spec.run_strategy == RunStrategy::Running,
+            // A drain with `nonMigratable: Stop` keeps the VM stopped
+            // without touching its spec.
+            run: vm.spec.run_strategy == RunStrategy::Running
+                && !conditions::is_true(
+                    &vm.status.clone().unwrap_or_default().conditions,
+                    MAINTENANCE_STOPPED,
+                ),
         })
         .collect();
     let running: BTreeSet<String> = agent
@@ -112,10 +124,12 @@ async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
             if let Ok(mut failures) = agent.start_failures.lock() {
                 failures.insert(key, message.clone());
             }
-            let patch = serde_json::json!({"status": {
-                "phase": VmPhase::Failed,
-                "conditions": [ready_condition(false, reason, &message)],
-            }});
+            let existing = vm.status.clone().unwrap_or_default().conditions;
+            let patch = conditions::guarded_patch(
+                vm.metadata.resource_version.clone(),
+                serde_json::json!({"phase": VmPhase::Failed}),
+                conditions::upsert(&existing, conditions::new("Ready", false, reason, &message)),
+            );
             patch_status(agent, vm, &patch).await;
         }
     }
@@ -128,7 +142,11 @@ async fn report(agent: &Agent, vm: &VirtualMachine, name: &str) {
     let status = vm.status.clone().unwrap_or_default();
     let (phase, qemu) = match &process {
         Some(p) => (VmPhase::Running, Some(i64::from(p.pid()))),
-        None if vm.spec.run_strategy == RunStrategy::Stopped => (VmPhase::Stopped, None),
+        None if vm.spec.run_strategy == RunStrategy::Stopped
+            || conditions::is_true(&status.conditions, MAINTENANCE_STOPPED) =>
+        {
+            (VmPhase::Stopped, None)
+        }
         None if status.phase == VmPhase::Failed => return,
         None => (VmPhase::Starting, None),
     };
@@ -156,37 +174,40 @@ async fn report(agent: &Agent, vm: &VirtualMachine, name: &str) {
         start_time: Some(Time(Timestamp::now())),
     });
     let ready = match phase {
-        VmPhase::Running => ready_condition(
+        VmPhase::Running => conditions::new(
+            "Ready",
             true,
             "Running",
             &format!("QEMU runs on {}", agent.config.host),
         ),
-        VmPhase::Stopped => ready_condition(false, "Stopped", "runStrategy is Stopped"),
-        _ => ready_condition(
+        VmPhase::Stopped if vm.spec.run_strategy == RunStrategy::Stopped => {
+            conditions::new("Ready", false, "Stopped", "runStrategy is Stopped")
+        }
+        VmPhase::Stopped => conditions::new(
+            "Ready",
+            false,
+            "MaintenanceStopped",
+            "stopped for a host maintenance",
+        ),
+        _ => conditions::new(
+            "Ready",
             false,
             "Starting",
             &format!("starting on {}", agent.config.host),
         ),
     };
-    let patch = serde_json::json!({"status": {
-        "phase": phase,
-        "qemu": qemu_status,
-        "uuid": uuid.to_string(),
-        "networks": networks,
-        "observedGeneration": vm.metadata.generation,
-        "conditions": [ready],
-    }});
+    let patch = conditions::guarded_patch(
+        vm.metadata.resource_version.clone(),
+        serde_json::json!({
+            "phase": phase,
+            "qemu": qemu_status,
+            "uuid": uuid.to_string(),
+            "networks": networks,
+            "observedGeneration": vm.metadata.generation,
+        }),
+        conditions::upsert(&status.conditions, ready),
+    );
     patch_status(agent, vm, &patch).await;
-}
-
-fn ready_condition(ready: bool, reason: &str, message: &str) -> serde_json::Value {
-    serde_json::json!({
-        "type": "Ready",
-        "status": if ready { "True" } else { "False" },
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": Time(Timestamp::now()),
-    })
 }
 
 async fn patch_status(agent: &Agent, vm: &VirtualMachine, patch: &serde_json::Value) {
@@ -200,6 +221,8 @@ async fn patch_status(agent: &Agent, vm: &VirtualMachine, patch: &serde_json::Va
         )
         .await
     {
-        tracing::warn!(vm = %vm.name_any(), error = %e, "updating VM status failed");
+        // A 409 means another writer got there first: the next pass
+        // recomputes from the fresh object.
+        tracing::debug!(vm = %vm.name_any(), error = %e, "updating VM status failed");
     }
 }

@@ -35,9 +35,18 @@ pub fn heartbeat_path(state_dir: &Path) -> PathBuf {
 /// Record a successful Lease renewal: the watchdog allows `fence_after`
 /// from now.
 pub fn touch(state_dir: &Path, fence_after: Duration) -> std::io::Result<()> {
+    touch_at(state_dir, fence_after, SystemTime::now())
+}
+
+/// Record a successful Lease renewal whose request was *sent* at `sent`:
+/// the heartbeat carries that time, so the watchdog's count starts no later
+/// than the renewal the API server accepted (a slow reply can only make it
+/// fence earlier, never later).
+pub fn touch_at(state_dir: &Path, fence_after: Duration, sent: SystemTime) -> std::io::Result<()> {
     let path = heartbeat_path(state_dir);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, fence_after.as_millis().to_string())?;
+    File::options().write(true).open(&tmp)?.set_modified(sent)?;
     std::fs::rename(tmp, path)
 }
 
@@ -150,6 +159,28 @@ mod tests {
         assert_eq!(
             judge(Some("garbage"), Duration::from_secs(999)),
             Verdict::Wait
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_is_dated_when_the_renewal_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sent = SystemTime::now() - Duration::from_secs(7);
+        touch_at(dir.path(), Duration::from_secs(5), sent).unwrap();
+        let age = SystemTime::now()
+            .duration_since(
+                std::fs::metadata(heartbeat_path(dir.path()))
+                    .unwrap()
+                    .modified()
+                    .unwrap(),
+            )
+            .unwrap();
+        assert!(age >= Duration::from_secs(7), "{age:?}");
+        let content = std::fs::read_to_string(heartbeat_path(dir.path())).unwrap();
+        assert_eq!(
+            judge(Some(&content), age),
+            Verdict::Fence,
+            "a slow renewal counts from when it was sent"
         );
     }
 
