@@ -163,7 +163,11 @@ impl Metrics {
             counted.insert(uid);
             let ts = status.timestamps.clone().unwrap_or_default();
             let completed = ts.completed.as_ref().map(super::status::to_core);
-            if completed.is_none_or(|c| c < self.started) {
+            // API times have whole seconds: compare with the second we
+            // started in, or a migration finished in that second is missed.
+            let started_second =
+                Timestamp::from_millis(self.started.as_millis().div_euclid(1000) * 1000);
+            if completed.is_none_or(|c| c < started_second) {
                 continue;
             }
             self.finished
