@@ -18,6 +18,10 @@
 //! own traffic teach the bridges where the MAC now lives; the source QEMU is
 //! quit and its tap removed by [`sweep_taps`].
 //!
+//! Tap names are the same on every host, so each host needs its own network
+//! namespace (or machine) — agents sharing one namespace must not map
+//! networks.
+//!
 //! Networks without a bridge mapping keep QEMU's user networking (no tap):
 //! the VM boots, but its address is not reachable from outside and does not
 //! move.
@@ -27,6 +31,6 @@ mod tap;
 
 pub use segment::{Segment, SegmentError, enter};
 pub use tap::{
-    BridgeMap, NetError, TAP_PREFIX, attach_taps, delete_tap, ensure_tap, list_taps, sweep_taps,
-    tap_name,
+    BridgeMap, NetError, TAP_PREFIX, attach_taps, delete_tap, ensure_tap, list_taps, prepare_taps,
+    sweep_taps, tap_name,
 };

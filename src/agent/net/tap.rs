@@ -126,6 +126,25 @@ pub fn attach_taps(
     wanted
 }
 
+/// [`attach_taps`], then [`ensure_tap`] for each: what an agent does before
+/// starting a VM's QEMU (plain start or migration target).
+pub fn prepare_taps(
+    spec: &mut MachineSpec,
+    networks: &[String],
+    bridges: &BridgeMap,
+) -> Result<(), NetError> {
+    for (tap, bridge) in attach_taps(spec, networks, bridges) {
+        // For the error message only: a network mapped to this bridge.
+        let network = networks
+            .iter()
+            .find(|n| bridges.bridge(n) == Some(bridge.as_str()))
+            .map(String::as_str)
+            .unwrap_or_default();
+        ensure_tap(&tap, &bridge, network)?;
+    }
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> Result<String, NetError> {
     let joined = args.join(" ");
     let out = Command::new("ip")
