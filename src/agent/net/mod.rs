@@ -26,8 +26,11 @@
 //! the VM boots, but its address is not reachable from outside and does not
 //! move.
 
+mod announce;
 mod segment;
 mod tap;
+
+pub use announce::{Announce, AnnounceSelf, SetAnnounceParameters};
 
 pub use segment::{Segment, SegmentError, enter};
 pub use tap::{
