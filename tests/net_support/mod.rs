@@ -276,6 +276,8 @@ pub struct EchoReport {
 /// checking each echo; runs until [`CounterClient::stop`].
 pub struct CounterClient {
     stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+    idle: Arc<AtomicBool>,
     echoed: Arc<AtomicU32>,
     handle: std::thread::JoinHandle<EchoReport>,
 }
@@ -284,11 +286,20 @@ impl CounterClient {
     /// Connects (retrying while the guest's service comes up) and starts.
     pub fn start(client_ns: &str) -> CounterClient {
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
         let echoed = Arc::new(AtomicU32::new(0));
-        let (stop2, echoed2) = (stop.clone(), echoed.clone());
-        let handle = in_ns(client_ns, move || run_counter(&stop2, &echoed2));
+        let flags = Flags {
+            stop: stop.clone(),
+            pause: pause.clone(),
+            idle: idle.clone(),
+            echoed: echoed.clone(),
+        };
+        let handle = in_ns(client_ns, move || run_counter(&flags));
         let c = CounterClient {
             stop,
+            pause,
+            idle,
             echoed,
             handle,
         };
@@ -302,6 +313,21 @@ impl CounterClient {
         while self.echoed.load(Ordering::SeqCst) < n && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops sending (the connection stays open, idle) once the current
+    /// counter is echoed; the pause does not count as a gap.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.idle.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends again after [`CounterClient::pause`].
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
     }
 
     /// Counters echoed so far.
@@ -318,7 +344,15 @@ impl CounterClient {
 /// Between two counters (what the measurements used).
 const INTERVAL: Duration = Duration::from_millis(20);
 
-fn run_counter(stop: &AtomicBool, echoed: &AtomicU32) -> EchoReport {
+struct Flags {
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+    idle: Arc<AtomicBool>,
+    echoed: Arc<AtomicU32>,
+}
+
+fn run_counter(flags: &Flags) -> EchoReport {
+    let (stop, echoed) = (&flags.stop, &flags.echoed);
     let addr: SocketAddr = format!("{GUEST_IP}:{ECHO_PORT}").parse().unwrap();
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let stream = loop {
@@ -349,6 +383,12 @@ fn run_counter(stop: &AtomicBool, echoed: &AtomicU32) -> EchoReport {
     let mut last = Instant::now();
     let mut n: u32 = 0;
     while !stop.load(Ordering::SeqCst) {
+        while flags.pause.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            flags.idle.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            last = Instant::now();
+        }
+        flags.idle.store(false, Ordering::SeqCst);
         n += 1;
         if let Err(e) = writer.write_all(format!("{n}\n").as_bytes()) {
             report.error = Some(format!("send {n}: {e}"));
