@@ -129,6 +129,10 @@ pub struct AgentArgs {
     /// Do not start the fencing watchdog (VMs then survive a cut-off host).
     #[arg(long)]
     pub no_watchdog: bool,
+    /// A VM network and the host bridge its taps join, `NAME=BRIDGE`
+    /// (repeatable); unmapped networks use QEMU's user networking.
+    #[arg(long = "network", value_name = "NAME=BRIDGE")]
+    pub networks: Vec<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -193,6 +197,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         simulated_load_file: args.simulated_load_file,
         stall_timeout: args.stall_timeout.get(),
         watchdog: !args.no_watchdog,
+        networks: crate::agent::net::BridgeMap::parse(&args.networks)?,
     };
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();

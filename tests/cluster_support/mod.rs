@@ -132,6 +132,7 @@ impl Cluster {
                 simulated_load_file: None,
                 stall_timeout: Duration::from_secs(10),
                 watchdog: false,
+                networks: Default::default(),
             };
             if options.watchdog {
                 let state_dir = config.state_dir.clone();

@@ -38,7 +38,6 @@ use crate::core::convergence::{self, Assessment, Context, Tuning};
 use crate::core::policy::{self as core_policy, EffectivePolicy, PolicySource};
 use crate::core::time::Timestamp as CoreTime;
 
-use super::machine::machine_spec;
 use super::plan::local_name;
 use super::{Agent, error_chain as chain, migration_owns_qemus};
 
@@ -357,16 +356,17 @@ async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
         .await;
         return;
     };
-    let spec = match machine_spec(&vm, &agent.config.state_dir) {
+    // The NICs join this host's bridges on taps created here (net).
+    let spec = match super::vmloop::spec_with_taps(agent, &vm) {
         Ok(spec) => spec,
-        Err(e) => {
+        Err((_, message)) => {
             report_half(
                 agent,
                 m,
                 Role::Target,
                 AgentState::Failed,
                 Some("TargetPreparationFailed"),
-                Some(e.to_string()),
+                Some(message),
                 None,
             )
             .await;

@@ -74,6 +74,9 @@ pub struct AgentConfig {
     pub stall_timeout: Duration,
     /// Start the fencing watchdog process (off only in unit tests).
     pub watchdog: bool,
+    /// Which host bridge each VM network attaches to (`--network
+    /// default=br-ferry`); unmapped networks use QEMU's user networking.
+    pub networks: crate::agent::net::BridgeMap,
 }
 
 impl AgentConfig {

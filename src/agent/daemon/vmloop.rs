@@ -9,6 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
+use crate::agent::net;
 use crate::api::vm::{NetworkStatus, QemuStatus, RunStrategy};
 use crate::api::{VirtualMachine, VmPhase};
 
@@ -86,6 +87,7 @@ pub async fn reconcile(agent: &Agent) {
             }
         }
     }
+    sweep_taps(agent, &reserved).await;
     for vm in &placed {
         let name = local_name(&vm.namespace().unwrap_or_default(), &vm.name_any());
         if reserved.contains(&name) {
@@ -108,14 +110,14 @@ async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
     {
         return;
     }
-    let result = match machine_spec(vm, &agent.config.state_dir) {
+    let result = match spec_with_taps(agent, vm) {
         Ok(spec) => agent
             .vms
             .start(&spec, false)
             .await
             .map(|_| ())
             .map_err(|e| ("StartFailed", super::error_chain(&e))),
-        Err(e) => Err((e.reason(), e.to_string())),
+        Err(e) => Err(e),
     };
     match result {
         Ok(()) => tracing::info!(vm = %name, "started VM"),
@@ -132,6 +134,53 @@ async fn start(agent: &Agent, vm: &VirtualMachine, name: &str) {
             );
             patch_status(agent, vm, &patch).await;
         }
+    }
+}
+
+/// The VM's machine with its NICs on taps of the mapped bridges (created
+/// here); `(reason, message)` on failure.
+pub(super) fn spec_with_taps(
+    agent: &Agent,
+    vm: &VirtualMachine,
+) -> Result<crate::agent::qemu::MachineSpec, (&'static str, String)> {
+    let mut spec =
+        machine_spec(vm, &agent.config.state_dir).map_err(|e| (e.reason(), e.to_string()))?;
+    let networks: Vec<String> = vm.spec.networks.iter().map(|n| n.name.clone()).collect();
+    net::prepare_taps(&mut spec, &networks, &agent.config.networks)
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    Ok(spec)
+}
+
+/// Removes Ferry's taps that no live QEMU here uses and no migration here
+/// is about to use (after a stop, a crash, or a source quit at switchover).
+async fn sweep_taps(agent: &Agent, reserved: &BTreeSet<String>) {
+    if agent.config.networks.is_empty() {
+        return;
+    }
+    let mut keep: BTreeSet<String> = agent
+        .vms
+        .list()
+        .await
+        .into_iter()
+        .filter(|(_, p)| p.is_alive())
+        .flat_map(|(_, p)| {
+            p.spec()
+                .nics
+                .iter()
+                .filter_map(|n| n.tap.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for vm in agent.vm_store.state() {
+        let name = local_name(&vm.namespace().unwrap_or_default(), &vm.name_any());
+        if reserved.contains(&name) {
+            keep.extend((0..vm.spec.networks.len()).map(|i| net::tap_name(&name, i)));
+        }
+    }
+    match net::sweep_taps(&keep) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed unused taps"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing unused taps failed"),
     }
 }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{MigrationConfig, MigrationError, qmp_err};
+use crate::agent::net;
 use crate::agent::qemu::{MachineSpec, QemuProcess};
 use crate::agent::qmp::{self, MigrationStatus, QmpError, RunState};
 use crate::agent::vms::{VmError, VmManager};
@@ -62,6 +63,10 @@ pub async fn prepare_target(
             .await
             .map_err(qmp_err("setting the target's multifd channels"))?;
         }
+        // QEMU reads the announce parameters on the incoming side (net).
+        q.execute(&net::SetAnnounceParameters::from(net::Announce::default()))
+            .await
+            .map_err(qmp_err("setting the target's announce parameters"))?;
         let uri = format!("unix:{}", vm.dir().incoming_socket().display());
         q.execute(&qmp::MigrateIncoming { uri })
             .await
@@ -103,7 +108,17 @@ impl TargetHandle {
                 return Err(MigrationError::TargetExited(status));
             }
             match q.execute(&qmp::QueryStatus {}).await {
-                Ok(s) if s.running => return Ok(()),
+                Ok(s) if s.running => {
+                    // Announce again once running (net): best effort, the
+                    // migration's own announce already ran.
+                    if let Err(e) = q
+                        .execute(&net::AnnounceSelf(net::Announce::default()))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "announce-self on the target failed");
+                    }
+                    return Ok(());
+                }
                 Ok(s) if s.status == RunState::Paused => {
                     let m = q
                         .execute(&qmp::QueryMigrate {})
