@@ -188,6 +188,10 @@ async fn crds(state: &ApiState, installed: &mut HashMap<String, String>) -> Resu
                 tracing::warn!(crd = %name, error = %e, "CRD cannot be served");
                 continue;
             }
+            // Served from now on: remember it (with no version, so the next
+            // pass records the Established one), or a CRD deleted before
+            // that pass would never stop being served.
+            installed.insert(name.clone(), String::new());
             let names = crd
                 .pointer("/spec/names")
                 .cloned()
