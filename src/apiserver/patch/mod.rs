@@ -1,7 +1,7 @@
 //! The four patch types of `PATCH` requests, pure functions over JSON:
 //!
 //! - `application/merge-patch+json` (RFC 7386) by [`merge_patch`];
-//! - `application/json-patch+json` (RFC 6902) by [`json_patch`];
+//! - `application/json-patch+json` (RFC 6902) by [`json_patch()`](fn@json_patch);
 //! - `application/strategic-merge-patch+json` by [`strategic_merge_patch`],
 //!   for the built-in kinds only (lists merged by their `patchMergeKey`);
 //! - `application/apply-patch+yaml` by [`server_side_apply`], with field
