@@ -125,10 +125,20 @@ async fn a_controller_killed_mid_drain_is_replaced_and_no_vm_moves_twice() {
     let migs: Api<Migration> = Api::namespaced(cluster.client.clone(), NS);
     let all = migs.list(&Default::default()).await.unwrap();
     assert_eq!(all.items.len(), 8, "one attempt per VM");
-    assert!(
+    // The drain completes when every VM has moved (its status.host, the
+    // commit point); each Migration records Succeeded once it reads that
+    // back, a moment later.
+    within(30, "every migration succeeded", || async {
+        let all = migs.list(&Default::default()).await.ok()?;
         all.iter()
-            .all(|m| m.status.as_ref().unwrap().phase == MigrationPhase::Succeeded)
-    );
+            .all(|m| {
+                m.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == MigrationPhase::Succeeded)
+            })
+            .then_some(())
+    })
+    .await;
     second.shutdown().await;
 }
 

@@ -229,7 +229,17 @@ fn draining_a_host_moves_every_vm_elsewhere_one_at_a_time_and_undrain_returns_it
         ),
         "3 0"
     );
-    let migrations = drain_migrations(&c, "host-1");
+    // The drain completes when every VM has moved (the commit point); each
+    // Migration records Succeeded once it reads that back, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let migrations = loop {
+        let migrations = drain_migrations(&c, "host-1");
+        let done = migrations.values().all(|(p, _)| p == "Succeeded");
+        if done || std::time::Instant::now() > deadline {
+            break migrations;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(migrations.len(), 3, "{migrations:?}");
     assert!(
         migrations

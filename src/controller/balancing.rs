@@ -16,6 +16,7 @@
 //! the pass time, so a pass retried on a stale cache gets 409, not a
 //! second move.
 
+use crate::controller::status::now;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,10 +36,6 @@ use super::{ControllerError, Ctx};
 pub const REASON_ANNOTATION: &str = "ferry.dev/balancing-reason";
 /// Annotation on an automatic Migration: the improvement it should bring.
 pub const IMPROVEMENT_ANNOTATION: &str = "ferry.dev/expected-improvement";
-
-fn now() -> Timestamp {
-    Timestamp::from_millis(k8s_openapi::jiff::Timestamp::now().as_millisecond())
-}
 
 /// Run the balancing loop until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {

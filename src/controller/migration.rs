@@ -6,11 +6,11 @@
 //! `status.host` / `status.migration`, the finalizer, Events. It never
 //! depends on why it was triggered.
 
+use crate::controller::status::now;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::jiff::Timestamp as Jiff;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,7 +27,6 @@ use crate::core::migration::{
 };
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
-use crate::core::time::Timestamp;
 
 use super::snapshot::{self, id};
 use super::status::{phase_of, source_report, state_of, status_patch, target_report, to_core};
@@ -69,10 +68,6 @@ type Context = (Arc<Ctx>, Arc<Recorder>);
 fn error_policy(_m: Arc<Migration>, e: &ControllerError, _ctx: Arc<Context>) -> Requeue {
     tracing::warn!(error = %e, reason = e.reason(), "migration reconcile failed; retrying");
     Requeue::requeue(Duration::from_secs(2))
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_millis(Jiff::now().as_millisecond())
 }
 
 fn kind(t: MigrationType) -> MigrationKind {

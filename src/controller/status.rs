@@ -31,6 +31,12 @@ use crate::core::time::Timestamp;
 /// The condition type of an abort request to the source agent.
 pub const ABORT_REQUESTED: &str = "AbortRequested";
 
+/// The controller's clock, as the core's time (the core never reads a
+/// clock itself).
+pub fn now() -> Timestamp {
+    Timestamp::from_millis(Jiff::now().as_millisecond())
+}
+
 /// API time to core time.
 pub fn to_core(t: &Time) -> Timestamp {
     Timestamp::from_millis(t.0.as_millisecond())

@@ -19,7 +19,6 @@ use crate::controller::status::{to_api, to_core};
 use crate::controller::{ControllerError, Ctx};
 use crate::core::drain::Attempt;
 use crate::core::migration::FailureReason;
-use crate::core::time::Timestamp;
 
 /// Mark the host unschedulable (or schedulable again).
 pub async fn cordon(ctx: &Ctx, host: &str, on: bool) -> Result<(), ControllerError> {
@@ -248,13 +247,9 @@ fn condition(type_: &str, reason: &str, message: &str) -> Condition {
         status: "True".into(),
         reason: reason.into(),
         message: message.chars().take(32_000).collect(),
-        last_transition_time: to_api(now_core()),
+        last_transition_time: to_api(crate::controller::status::now()),
         observed_generation: None,
     }
-}
-
-fn now_core() -> Timestamp {
-    Timestamp::from_millis(k8s_openapi::jiff::Timestamp::now().as_millisecond())
 }
 
 /// Put `MaintenanceStopped` on the VM (or take it off).

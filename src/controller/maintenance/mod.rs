@@ -36,6 +36,7 @@ mod act;
 pub mod assess;
 mod plan;
 
+use crate::controller::status::now;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +51,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::maintenance::{Blocker, HostMaintenanceStatus, MaintenancePhase, NonMigratable};
 use crate::api::{HostMaintenance, MAINTENANCE_LABEL, Migration, MigrationPhase};
-use crate::core::time::Timestamp;
 
 use super::snapshot;
 use super::status::to_core;
@@ -103,10 +103,6 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
 fn error_policy(_m: Arc<HostMaintenance>, e: &ControllerError, _: Arc<Context>) -> Requeue {
     tracing::warn!(error = %e, reason = e.reason(), "maintenance reconcile failed; retrying");
     Requeue::requeue(Duration::from_secs(2))
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_millis(k8s_openapi::jiff::Timestamp::now().as_millisecond())
 }
 
 /// The drain's Migrations (from the cache).
