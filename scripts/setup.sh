@@ -51,6 +51,18 @@ ferry_install_guest_toolchain() {
   ferry_apt_install gcc binutils
 }
 
+# The Linux test guest of the network tests is built from Debian's kernel and
+# busybox-static packages (downloaded, not installed): apt needs its lists.
+ferry_guest_packages_known() {
+  apt-cache show linux-image-cloud-amd64 busybox-static >/dev/null 2>&1 && return 0
+  if ! ferry_can_install; then
+    ferry_say "apt does not know linux-image-cloud-amd64 and busybox-static: run apt-get update as root (the network tests download them)"
+    return 1
+  fi
+  apt-get update -qq >/dev/null
+  FERRY_APT_UPDATED=1
+}
+
 ferry_install_clients() {
   local py
   py=$(command -v python3 || true)
@@ -73,6 +85,7 @@ ferry_install_clients() {
 ferry_setup() {
   ferry_install_qemu
   ferry_install_guest_toolchain
+  ferry_guest_packages_known
   ferry_install_clients
   if ! command -v cargo >/dev/null 2>&1; then
     ferry_say "cargo is missing: install the Rust toolchain (rustup) first"
