@@ -51,11 +51,6 @@ unit_command!(
     Quit,
     "quit"
 );
-unit_command!(
-    /// Sends gratuitous ARP/RARP for the guest's NICs (after switchover).
-    AnnounceSelf,
-    "announce-self"
-);
 
 /// `query-version`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]

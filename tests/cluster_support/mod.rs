@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,11 +33,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// How a test cluster runs.
@@ -113,7 +108,9 @@ impl Cluster {
         for host in hosts {
             let pki_dir = dir.path().join(host).join("pki");
             ca.issue_host(host).unwrap().save(&pki_dir).unwrap();
-            let listen = free_port();
+            // Port 0: the relay binds a free port and publishes it (a port
+            // picked here and bound later could be taken in between).
+            let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let config = AgentConfig {
                 host: host.to_string(),
                 cluster: "default".into(),

@@ -214,7 +214,7 @@ impl Agent {
 
 /// Run the agent until `shutdown`. QEMUs keep running when it returns.
 pub async fn run(
-    config: AgentConfig,
+    mut config: AgentConfig,
     client: kube::Client,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -272,6 +272,10 @@ pub async fn run(
         table.clone(),
     )
     .await?;
+    // Listening on port 0 (tests): other agents dial the port it got.
+    if config.migration_advertise.is_none() && config.migration_listen.port() == 0 {
+        config.migration_advertise = Some(relay.local_addr().to_string());
+    }
     tracing::info!(host = %config.host, relay = %relay.local_addr(), "agent started");
 
     let (vm_store, vm_writer) = reflector::store();
