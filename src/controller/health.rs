@@ -31,15 +31,13 @@ impl LeaseTracker {
     /// Record the host's current renewal marker (its Lease's `renewTime`);
     /// a changed marker counts as a renewal at `now`.
     pub fn observe(&mut self, host: &str, renew_marker: &str, now: Instant) {
-        match self.seen.get_mut(host) {
-            Some((marker, at)) if marker == renew_marker => {
-                let _ = at;
-            }
-            Some(entry) => *entry = (renew_marker.to_string(), now),
-            None => {
-                self.seen
-                    .insert(host.to_string(), (renew_marker.to_string(), now));
-            }
+        let unchanged = self
+            .seen
+            .get(host)
+            .is_some_and(|(marker, _)| marker == renew_marker);
+        if !unchanged {
+            self.seen
+                .insert(host.to_string(), (renew_marker.to_string(), now));
         }
     }
 

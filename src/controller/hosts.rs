@@ -22,7 +22,7 @@ use crate::api::vm::RunStrategy;
 use crate::api::{Host, HostPhase, Migration, MigrationSpec, MigrationType};
 use crate::core::policy::ResiliencePolicy;
 
-use super::health::{LeaseTracker, judge};
+use super::health::judge;
 use super::snapshot::host_phase;
 use super::{ControllerError, Ctx};
 
@@ -63,7 +63,7 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
                     .and_then(|s| s.renew_time.as_ref())
                     .map(|t| t.0.to_string())
                     .unwrap_or_default();
-                LeaseTracker::observe(&mut tracker, &name, &marker, now);
+                tracker.observe(&name, &marker, now);
             }
             tracker.silence(&name, now)
         };
