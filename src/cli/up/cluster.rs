@@ -1,7 +1,8 @@
 //! The objects `ferry up` puts into its API server: the CRDs (and waiting
 //! until they are Established), the `ferry-system` namespace, the RBAC of
 //! the agents and the controller, the default `MigrationPolicy`, and the
-//! demo VMs. Every step is idempotent, so a restart on the same data
+//! ConfigMap that tells `kubectl ferry status` how to reach the VM network
+//! (the demo VMs are in [`super::demo`]). Every step is idempotent, so a restart on the same data
 //! directory changes nothing the user changed.
 
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use kube::Api;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use crate::api::{Host, MigrationPolicy, VirtualMachine};
+use crate::api::{Host, MigrationPolicy};
 
 /// The field manager of everything `ferry up` writes.
 const MANAGER: &str = "ferry-up";
@@ -34,7 +35,7 @@ pub enum ClusterError {
     NotEstablished(String),
 }
 
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ClusterError {
+pub(super) fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ClusterError {
     let what = what.into();
     move |source| ClusterError::Api {
         what,
@@ -172,57 +173,74 @@ pub async fn install_default_policy(client: &kube::Client) -> Result<(), Cluster
     }
 }
 
-/// The demo VMs: `demo-1`…`demo-N` in `default`, small memtest guests.
-pub fn demo_vm(i: u32) -> Value {
-    json!({
-        "apiVersion": "ferry.dev/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": format!("demo-{i}"), "namespace": "default", "labels": {"app": "demo"}},
-        "spec": {
-            "memory": "64Mi",
-            "cpus": 1,
-            "boot": {"memtest": {"fillMib": 32, "dirtyRateMib": 1}},
-        },
-    })
+/// The ConfigMap in `ferry-system` that describes `ferry up`'s VM network:
+/// `kubectl ferry status` reads it to say how to reach a VM's address.
+pub const NETWORK_CONFIGMAP: &str = "ferry-up-network";
+
+/// How the user reaches the VM network of `ferry up` (the data of
+/// [`NETWORK_CONFIGMAP`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    /// The VM network's name (`spec.networks[].name`).
+    pub network: String,
+    /// Its subnet.
+    pub subnet: String,
+    /// The client namespace on it.
+    pub client_namespace: String,
+    /// The command that pings from there (`ping`, or a busybox's).
+    pub ping: String,
 }
 
-/// Create `count` demo VMs unless they exist, and place each one not yet
-/// placed on a host, round-robin over `hosts` (as an operator would with
-/// `kubectl patch --subresource=status`).
-pub async fn install_demo(
+/// Write [`NETWORK_CONFIGMAP`] for `info`, or delete it when `ferry up`
+/// runs without a VM network.
+pub async fn publish_network(
     client: &kube::Client,
-    count: u32,
-    hosts: &[String],
+    info: Option<&NetworkInfo>,
 ) -> Result<(), ClusterError> {
-    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
-    for i in 1..=count {
-        let name = format!("demo-{i}");
-        let vm: VirtualMachine =
-            serde_json::from_value(demo_vm(i)).map_err(|e| ClusterError::Api {
-                what: format!("building the demo VM {name}"),
-                source: Box::new(kube::Error::SerdeError(e)),
-            })?;
-        let vm = match api.create(&PostParams::default(), &vm).await {
-            Ok(vm) => vm,
-            Err(kube::Error::Api(e)) if e.code == 409 => api
-                .get(&name)
-                .await
-                .map_err(api_err(format!("reading the demo VM {name}")))?,
-            Err(e) => return Err(api_err(format!("creating the demo VM {name}"))(e)),
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), crate::api::SYSTEM_NAMESPACE);
+    let Some(info) = info else {
+        return match api.delete(NETWORK_CONFIGMAP, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(api_err(format!("deleting the ConfigMap {NETWORK_CONFIGMAP}"))(e)),
         };
-        let placed = vm.status.as_ref().and_then(|s| s.host.as_ref()).is_some();
-        if !placed && !hosts.is_empty() {
-            let host = &hosts[(i as usize - 1) % hosts.len()];
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"host": host}})),
-            )
-            .await
-            .map_err(api_err(format!("placing the demo VM {name} on {host}")))?;
-        }
-    }
+    };
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": NETWORK_CONFIGMAP, "namespace": crate::api::SYSTEM_NAMESPACE},
+        "data": {
+            "network": info.network,
+            "subnet": info.subnet,
+            "clientNamespace": info.client_namespace,
+            "ping": info.ping,
+        },
+    });
+    api.patch(
+        NETWORK_CONFIGMAP,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .map_err(api_err(format!("applying the ConfigMap {NETWORK_CONFIGMAP}")))?;
     Ok(())
+}
+
+/// Read [`NETWORK_CONFIGMAP`]: `None` when absent (not a `ferry up`
+/// cluster, or one without a VM network) or unreadable.
+pub async fn read_network(client: &kube::Client) -> Option<NetworkInfo> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), crate::api::SYSTEM_NAMESPACE);
+    let data = api.get_opt(NETWORK_CONFIGMAP).await.ok()??.data?;
+    Some(NetworkInfo {
+        network: data.get("network")?.clone(),
+        subnet: data.get("subnet").cloned().unwrap_or_default(),
+        client_namespace: data.get("clientNamespace")?.clone(),
+        ping: data
+            .get("ping")
+            .cloned()
+            .unwrap_or_else(|| "ping".to_string()),
+    })
 }
 
 /// Wait until every host in `hosts` has published its Host object.
@@ -253,13 +271,6 @@ pub async fn wait_for_hosts(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn demo_vms_are_valid_virtual_machines() {
-        let vm: VirtualMachine = serde_json::from_value(demo_vm(2)).unwrap();
-        assert_eq!(vm.metadata.name.as_deref(), Some("demo-2"));
-        assert_eq!(vm.spec.memory.bytes(), 64 << 20);
-    }
 
     #[test]
     fn agents_and_controller_each_get_a_role_and_a_binding() {

@@ -3,8 +3,10 @@
 //! ```text
 //!  lock DIR ─► check QEMU ─► API server (in process) ─► CRDs Established,
 //!  ferry-system, RBAC, MigrationPolicy "default" ─► network (root: one
-//!  namespace per host + bridge + forwarder) ─► CA and host certificates ─►
-//!  [--demo VMs, placed] ─► agents (children) ─► Hosts published ─►
+//!  namespace per host, management bridge + forwarder, VM network
+//!  `default` with its switch and client namespaces; ConfigMap
+//!  ferry-up-network) ─► [--demo VMs, placed] ─► CA and host certificates ─►
+//!  agents (children, `--network default=br-ferry`) ─► Hosts published ─►
 //!  controller (child) ─► "ready"
 //!        … Ctrl-C / SIGTERM …
 //!  agents stopped ─► their QEMUs and watchdogs stopped ─► namespaces and
@@ -25,6 +27,7 @@
 
 pub mod children;
 pub mod cluster;
+pub mod demo;
 pub mod layout;
 pub mod netns;
 
@@ -63,10 +66,15 @@ pub struct UpArgs {
     /// How many VMs `--demo` creates.
     #[arg(long, default_value_t = 3)]
     pub demo_vms: u32,
+    /// What the demo VMs run: `auto` puts demo-1 on the Linux test guest
+    /// with an address on the VM network when both are available.
+    #[arg(long, value_enum, default_value_t = demo::DemoGuest::Auto)]
+    pub demo_guest: demo::DemoGuest,
     /// Where the cluster lives; run again on it to resume.
     #[arg(long, default_value = ".ferry")]
     pub data_dir: PathBuf,
-    /// Address of the API server.
+    /// Address of the API server; port 0 picks a free port, which the
+    /// kubeconfig names.
     #[arg(long, default_value = "127.0.0.1:6443")]
     pub listen: SocketAddr,
     /// Memory each host offers to VMs.
@@ -122,6 +130,9 @@ pub enum UpError {
     /// The network namespaces.
     #[error("setting up the hosts' network namespaces")]
     Network(#[from] netns::NetnsError),
+    /// The Linux guest that `--demo-guest linux` asked for.
+    #[error(transparent)]
+    DemoGuest(#[from] demo::DemoGuestUnavailable),
     /// A child process.
     #[error("starting a child process")]
     Child(#[from] children::ChildError),
@@ -258,9 +269,6 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
     cluster::install_crds(&admin).await?;
     cluster::install_access(&admin).await?;
     cluster::install_default_policy(&admin).await?;
-    if args.demo {
-        cluster::install_demo(&admin, args.demo_vms, &hosts).await?;
-    }
 
     let use_netns = !args.no_netns && netns::available();
     // What the agents dial: the API server itself, or from the namespaces
@@ -297,6 +305,26 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
     } else {
         (url.clone(), None)
     };
+    let net_info = running.network.as_ref().map(|net| cluster::NetworkInfo {
+        network: netns::VM_NETWORK.into(),
+        subnet: netns::VM_SUBNET.into(),
+        client_namespace: net.client_namespace(),
+        ping: demo::ping_command(),
+    });
+    cluster::publish_network(&admin, net_info.as_ref()).await?;
+    let mut demo_lines = Vec::new();
+    if args.demo {
+        let (requested, networked) = (args.demo_guest, net_info.is_some());
+        let choice = tokio::task::spawn_blocking(move || demo::choose(requested, networked))
+            .await
+            .map_err(|e| children::ChildError::Spawn {
+                what: "the demo guest task".into(),
+                source: std::io::Error::other(e),
+            })??;
+        eprintln!("ferry up: {}", choice.note);
+        let vms = demo::install(&admin, args.demo_vms, &hosts, choice.linux.as_ref()).await?;
+        demo_lines = vms.iter().map(|vm| vm.describe(net_info.as_ref())).collect();
+    }
 
     let ca = layout.cluster_ca()?;
     let exe = std::env::current_exe().map_err(|source| children::ChildError::Spawn {
@@ -322,7 +350,7 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
         };
         let state_dir = layout.state_dir(host);
         running.state_dirs.push(state_dir.clone());
-        let agent_args: Vec<String> = vec![
+        let mut agent_args: Vec<String> = vec![
             "agent".into(),
             "run".into(),
             "--host".into(),
@@ -353,6 +381,10 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             "--simulated-load-file".into(),
             host_dir.join("cpu-load").display().to_string(),
         ];
+        if running.network.is_some() {
+            agent_args.push("--network".into());
+            agent_args.push(format!("{}={}", netns::VM_NETWORK, netns::VM_BRIDGE));
+        }
         let child = Child::spawn(
             format!("agent {host}"),
             &exe,
@@ -379,7 +411,14 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
         });
     }
     start_controller(layout, &exe, &url, &ca_pem, &tokens, running)?;
-    print_banner(args, layout, &url, running.network.as_ref());
+    print_banner(
+        args,
+        layout,
+        &url,
+        running.network.as_ref(),
+        net_info.as_ref(),
+        &demo_lines,
+    );
     Ok(())
 }
 
@@ -455,25 +494,58 @@ async fn supervise(running: &mut Running, shutdown: &CancellationToken) {
     }
 }
 
-fn print_banner(args: &UpArgs, layout: &Layout, url: &str, net: Option<&netns::Network>) {
+fn print_banner(
+    args: &UpArgs,
+    layout: &Layout,
+    url: &str,
+    net: Option<&netns::Network>,
+    info: Option<&cluster::NetworkInfo>,
+    demo_vms: &[String],
+) {
     let kubeconfig = layout.kubeconfig();
     let kc = kubeconfig.display();
     println!("Ferry is up: API server {url}, {} hosts.", args.hosts);
-    match net {
-        Some(net) => println!(
-            "Hosts run in network namespaces {} on {} (bridge {}, API at {}:{} from the hosts).",
-            net.namespaces().join(", "),
-            net.cidr(),
-            net.bridge(),
-            net.gateway(),
-            args.listen.port(),
-        ),
-        None => println!("Hosts run in this network namespace on loopback ports."),
+    let api_port = url.rsplit(':').next().unwrap_or_default();
+    match (net, info) {
+        (Some(net), Some(info)) => {
+            println!(
+                "Hosts run in network namespaces {} on {} (bridge {}, API at {}:{api_port} from the hosts).",
+                net.namespaces().join(", "),
+                net.cidr(),
+                net.bridge(),
+                net.gateway(),
+            );
+            println!(
+                "VM network {}: {} on bridge {} in every host; client namespace {} ({}) is on it.",
+                info.network,
+                info.subnet,
+                netns::VM_BRIDGE,
+                info.client_namespace,
+                net.client_address(),
+            );
+            println!(
+                "  Give a VM `networks: [{{name: {}, ip: 10.78.0.X/24}}]` and configure that address in the guest; reach it with",
+                info.network
+            );
+            println!(
+                "  ip netns exec {} {} 10.78.0.X",
+                info.client_namespace, info.ping
+            );
+        }
+        _ => {
+            println!("Hosts run in this network namespace on loopback ports.");
+            println!(
+                "No VM network: it needs network namespaces (run as root, without --no-netns); VM NICs use QEMU's user networking."
+            );
+        }
     }
-    println!(
-        "Controller: not started (not part of this build yet); place VMs with a status patch."
-    );
     println!("kubeconfig: {kc}");
+    if !demo_vms.is_empty() {
+        println!("Demo VMs:");
+        for line in demo_vms {
+            println!("  {line}");
+        }
+    }
     println!();
     println!("Try:");
     println!("  export KUBECONFIG={kc}");
@@ -483,7 +555,7 @@ fn print_banner(args: &UpArgs, layout: &Layout, url: &str, net: Option<&netns::N
         println!("  kubectl ferry migrate demo-1 --to host-2");
     }
     println!("  kubectl apply -f examples/migration-live-to-host.yaml");
-    println!("  kubectl ferry status");
+    println!("  kubectl ferry status                           # hosts, migrations, VM addresses");
     println!("Logs: {}/hosts/host-N/agent.log", layout.dir.display());
     println!(
         "Stop with Ctrl-C; run again with --data-dir {} to resume.",

@@ -1,25 +1,47 @@
 //! The network of `ferry up` when run as root: one network namespace per
-//! host, each joined by a veth pair to a bridge in the root namespace.
+//! host, with two networks in it.
 //!
 //! ```text
-//!  root namespace                              ferry-<id>-host-1
-//!  ┌──────────────────────────────┐            ┌────────────────────────┐
-//!  │ API server 127.0.0.1:PORT    │            │ eth0 10.77.S.11/24     │
-//!  │ forwarder  10.77.S.1:PORT ─┐ │   veth     │ agent: relay :7443,    │
-//!  │ bridge fbr-<id> 10.77.S.1 ◄┼─┼─fv-<id>-1──┤ API via 10.77.S.1:PORT │
-//!  │                            └─┼─fv-<id>-2─┐└────────────────────────┘
-//!  └──────────────────────────────┘           └► ferry-<id>-host-2 (…12)
+//!  root namespace                          ferry-<id>-host-1                     ferry-<id>-sw (switch)
+//!  ┌────────────────────────────┐          ┌───────────────────────────────┐     ┌────────────────────┐
+//!  │ API server 127.0.0.1:PORT  │          │ eth0 10.77.S.11/24 (agent)    │     │                    │
+//!  │ forwarder 10.77.S.1:PORT ┐ │  veth    │ relay :7443, API via .1:PORT  │     │  h0 ─┐             │
+//!  │ bridge fbr-<id> 10.77.S.1◄┼─┼fv-<id>-1─┤                               │veth │      ├─ bridge sw  │
+//!  │                          └─┼fv-<id>-2┐│ br-ferry ── uplink ───────────┼─────┼──────┘   │   │     │
+//!  └────────────────────────────┘         ││   └ taps fy…n0 of the VMs     │     │  h1 ─────┘   c0    │
+//!                                         │└───────────────────────────────┘     └──────────────┼─────┘
+//!                                         └► ferry-<id>-host-2: the same (…12, h1)               │ veth
+//!                                                              ferry-<id>-cl (client): eth0 10.78.0.1/24
 //! ```
+//!
+//! * **Management network** (`10.77.S.0/24`): each host's `eth0` on the
+//!   bridge `fbr-<id>` in the root namespace. The agents reach the API
+//!   server through it (a forwarder on the bridge address when the server
+//!   listens on loopback) and each other's relays (migration streams).
+//!   Cutting a host off is `ip -n ferry-<id>-host-N link set eth0 down`:
+//!   its agent then reaches neither the API server nor the other agents.
+//! * **VM network** `default` (`10.78.0.0/24`): in each host namespace a
+//!   bridge `br-ferry` ([`VM_BRIDGE`]) whose `uplink` joins the switch
+//!   namespace; the client namespace `ferry-<id>-cl` is on the same L2
+//!   segment with address [`CLIENT_CIDR`]. Each agent runs with `--network
+//!   default=br-ferry`, so a VM's NIC on network `default` gets a tap on
+//!   its host's `br-ferry`, and its MAC and static IP are reachable from the
+//!   client namespace wherever the VM runs (`ip netns exec ferry-<id>-cl
+//!   ping 10.78.0.101`). This part is [`crate::agent::net::Segment`], built
+//!   with the prefix `ferry-<id>`. The segment is isolated from the root
+//!   namespace, so every instance may use the same VM subnet.
 //!
 //! `<id>` is six hex digits of a hash of the data directory's path, so two
 //! `ferry up` on different data directories (parallel tests) never share a
 //! name. The subnet number `S` is chosen free among the root namespace's
 //! addresses under a machine-wide lock and remembered in the data directory
-//! (`network.json`), so a restart gets the same addresses. Everything is
-//! created with `ip` (iproute2) and removed by deleting the namespaces (which
-//! deletes the veth pairs) and the bridge. Cutting a host off is
-//! `ip -n ferry-<id>-host-N link set eth0 down`: its agent then reaches
-//! neither the API server nor the other agents.
+//! (`network.json`), so a restart gets the same addresses. A restart after
+//! `ferry up` itself was killed finds the whole network still in place and
+//! keeps it (the adopted QEMUs' taps stay on their bridges); otherwise
+//! leftovers are removed and everything is built again. Everything is
+//! created with `ip` (iproute2) and removed by deleting the namespaces
+//! (which deletes the veth pairs, bridges and taps inside) and the root
+//! bridge.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -33,6 +55,16 @@ const PREFIX: [u8; 2] = [10, 77];
 const HOST_OFFSET: u8 = 10;
 /// Serialises subnet choice between `ferry up` instances on one machine.
 const SUBNET_LOCK: &str = "/run/ferry-up-subnets.lock";
+/// The VM network every agent maps (`--network default=br-ferry`).
+pub const VM_NETWORK: &str = "default";
+/// The bridge of the VM network in every host namespace.
+pub const VM_BRIDGE: &str = "br-ferry";
+/// The VM network's subnet (isolated in the instance's namespaces).
+pub const VM_SUBNET: &str = "10.78.0.0/24";
+/// The client namespace's address on the VM network.
+pub const CLIENT_CIDR: &str = "10.78.0.1/24";
+/// Demo VM `i` (1-based) gets `10.78.0.(VM_OFFSET + i)`.
+const VM_OFFSET: u8 = 100;
 
 /// Failure to build or remove the network.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +85,9 @@ pub enum NetnsError {
         /// What `ip` said.
         stderr: String,
     },
+    /// The VM network's segment.
+    #[error("building the VM network")]
+    Segment(#[from] crate::agent::net::SegmentError),
     /// Every 10.77.S.0/24 is in use.
     #[error("no free subnet 10.77.S.0/24 left in the root network namespace")]
     NoSubnet,
@@ -107,10 +142,54 @@ impl Network {
             HOST_OFFSET.saturating_add(i as u8),
         )
     }
-    /// Every namespace name.
+    /// Every host namespace's name.
     pub fn namespaces(&self) -> Vec<String> {
         (1..=self.hosts).map(|i| self.namespace(i)).collect()
     }
+    /// The prefix of the VM network's [`crate::agent::net::Segment`].
+    pub fn segment_prefix(&self) -> String {
+        format!("ferry-{}", self.id)
+    }
+    /// The client namespace: on the VM network, reaches the VMs' addresses.
+    pub fn client_namespace(&self) -> String {
+        client_namespace_name(&self.id)
+    }
+    /// The switch namespace joining the hosts' VM bridges and the client.
+    pub fn switch_namespace(&self) -> String {
+        format!("ferry-{}-sw", self.id)
+    }
+    /// The client namespace's address on the VM network.
+    pub fn client_address(&self) -> Ipv4Addr {
+        cidr_address(CLIENT_CIDR)
+    }
+    /// Every namespace of the instance: hosts, switch, client.
+    pub fn all_namespaces(&self) -> Vec<String> {
+        let mut all = self.namespaces();
+        all.push(self.switch_namespace());
+        all.push(self.client_namespace());
+        all
+    }
+}
+
+/// The client namespace of instance `id`.
+pub fn client_namespace_name(id: &str) -> String {
+    format!("ferry-{id}-cl")
+}
+
+/// The address of a `a.b.c.d/len` constant.
+fn cidr_address(cidr: &str) -> Ipv4Addr {
+    cidr.split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
+/// The VM network address of demo VM `i` (1-based), with its prefix:
+/// `10.78.0.(100 + i)/24`.
+pub fn demo_vm_cidr(i: u32) -> String {
+    let base = cidr_address(VM_SUBNET).octets();
+    let host = VM_OFFSET.saturating_add(u8::try_from(i).unwrap_or(u8::MAX));
+    format!("{}.{}.{}.{host}/24", base[0], base[1], base[2])
 }
 
 /// The namespace of host `i` of instance `id`.
@@ -194,11 +273,18 @@ pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<Network, NetnsEr
             source: e.into(),
         },
     )?;
-    teardown_instance(id);
     let remembered = std::fs::read_to_string(state_file)
         .ok()
-        .and_then(|s| serde_json::from_str::<Network>(&s).ok())
-        .map(|n| n.subnet);
+        .and_then(|s| serde_json::from_str::<Network>(&s).ok());
+    if let Some(net) = remembered.as_ref()
+        && net.id == id
+        && net.hosts == hosts
+        && intact(net)
+    {
+        return Ok(net.clone());
+    }
+    teardown_instance(id);
+    let remembered = remembered.map(|n| n.subnet);
     let used = used_subnets(&ip(&["-o", "-4", "addr", "show"])?);
     let subnet = pick_subnet(&used, remembered).ok_or(NetnsError::NoSubnet)?;
     let net = Network {
@@ -218,7 +304,29 @@ pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<Network, NetnsEr
     Ok(net)
 }
 
+/// Whether everything of `net` exists: its namespaces, the root bridge with
+/// the gateway address, and each host's veth (left by a `ferry up` that
+/// was killed).
+fn intact(net: &Network) -> bool {
+    let namespaces = list_namespaces();
+    let links = list_links();
+    let addresses = ip(&["-o", "-4", "addr", "show", "dev", &net.bridge()]).unwrap_or_default();
+    net.all_namespaces().iter().all(|n| namespaces.contains(n))
+        && (1..=net.hosts).all(|i| links.contains(&net.veth(i)))
+        && addresses.contains(&format!("inet {}/24", net.gateway()))
+}
+
 fn build(net: &Network) -> Result<(), NetnsError> {
+    // The VM network first: it creates the host namespaces.
+    let hosts: Vec<String> = (1..=net.hosts).map(super::layout::host_name).collect();
+    let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let segment = crate::agent::net::Segment::create(
+        &net.segment_prefix(),
+        &host_refs,
+        VM_BRIDGE,
+        CLIENT_CIDR,
+    )?;
+    segment.persist();
     let bridge = net.bridge();
     ip(&["link", "add", &bridge, "type", "bridge"])?;
     ip(&[
@@ -232,7 +340,6 @@ fn build(net: &Network) -> Result<(), NetnsError> {
     for i in 1..=net.hosts {
         let ns = net.namespace(i);
         let veth = net.veth(i);
-        ip(&["netns", "add", &ns])?;
         ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
@@ -255,7 +362,7 @@ fn build(net: &Network) -> Result<(), NetnsError> {
 /// Remove the network: the namespaces (and with them the veth pairs) and
 /// the bridge. Missing pieces are not an error.
 pub fn teardown(net: &Network) {
-    for ns in net.namespaces() {
+    for ns in net.all_namespaces() {
         let _ = ip(&["netns", "del", &ns]);
     }
     for i in 1..=net.hosts {
@@ -265,11 +372,11 @@ pub fn teardown(net: &Network) {
 }
 
 /// Remove whatever of instance `id` exists, whatever its host count:
-/// namespaces named `ferry-<id>-host-*`, links named `fv-<id>-*` and the
-/// bridge. Returns what was removed.
+/// namespaces named `ferry-<id>-*` (hosts, switch, client), links named
+/// `fv-<id>-*` and the bridge. Returns what was removed.
 pub fn teardown_instance(id: &str) -> Vec<String> {
     let mut removed = Vec::new();
-    let ns_prefix = format!("ferry-{id}-host-");
+    let ns_prefix = format!("ferry-{id}-");
     for ns in list_namespaces() {
         if ns.starts_with(&ns_prefix) && ip(&["netns", "del", &ns]).is_ok() {
             removed.push(ns);
@@ -324,6 +431,17 @@ mod tests {
         assert_eq!(net.address(2), Ipv4Addr::new(10, 77, 3, 12));
         assert_eq!(net.gateway(), Ipv4Addr::new(10, 77, 3, 1));
         assert_ne!(instance_id(Path::new("/a")), instance_id(Path::new("/b")));
+        assert_eq!(net.namespace(1), format!("{}-host-1", net.segment_prefix()));
+        assert!(net.client_namespace().starts_with(&net.segment_prefix()));
+        assert_eq!(net.client_address(), Ipv4Addr::new(10, 78, 0, 1));
+        assert_eq!(net.all_namespaces().len(), 14);
+    }
+
+    #[test]
+    fn demo_vms_get_addresses_on_the_vm_subnet_apart_from_the_client() {
+        assert_eq!(demo_vm_cidr(1), "10.78.0.101/24");
+        assert_eq!(demo_vm_cidr(3), "10.78.0.103/24");
+        assert_ne!(demo_vm_cidr(1).split('/').next(), Some("10.78.0.1"));
     }
 
     #[test]
