@@ -106,7 +106,7 @@ fn a_vm_placed_by_hand_runs_on_that_host_with_its_memory_intact() {
 
 #[test]
 fn ferry_up_again_on_the_same_data_dir_resumes_the_same_cluster() {
-    let mut c = Cluster::up_with(1, &["--demo", "--demo-vms", "1"]);
+    let mut c = Cluster::up_with(1, &["--demo", "--demo-vms", "1", "--demo-guest", "memtest"]);
     wait_running(&c, "demo-1");
     let uid = c.jsonpath(&["get", "fvm", "demo-1"], "{.metadata.uid}");
     let policy_uid = c.jsonpath(&["get", "mpol", "default"], "{.metadata.uid}");
@@ -136,7 +136,7 @@ fn ferry_up_again_on_the_same_data_dir_resumes_the_same_cluster() {
 
 #[test]
 fn ctrl_c_stops_agents_vms_watchdogs_and_removes_the_network() {
-    let mut c = Cluster::up_with(2, &["--demo", "--demo-vms", "2"]);
+    let mut c = Cluster::up_with(2, &["--demo", "--demo-vms", "2", "--demo-guest", "memtest"]);
     for vm in ["demo-1", "demo-2"] {
         wait_running(&c, vm);
     }
@@ -170,7 +170,7 @@ fn ctrl_c_stops_agents_vms_watchdogs_and_removes_the_network() {
 
 #[test]
 fn ferry_up_killed_outright_is_replaced_and_its_running_vm_adopted() {
-    let mut c = Cluster::up_with(2, &["--demo", "--demo-vms", "2"]);
+    let mut c = Cluster::up_with(2, &["--demo", "--demo-vms", "2", "--demo-guest", "memtest"]);
     for vm in ["demo-1", "demo-2"] {
         wait_running(&c, vm);
     }

@@ -4,8 +4,9 @@
 //! console on whichever host runs it.
 //!
 //! ```text
-//!  Cluster::up(n) ─► ferry up --data-dir /tmp/feXXXX --listen 127.0.0.1:FREE
-//!                    (stdout read until "ferry up: ready"; stderr → DIR/up.log)
+//!  Cluster::up(n) ─► ferry up --data-dir /tmp/feXXXX --listen 127.0.0.1:0
+//!                    (stdout read until "ferry up: ready"; stderr → DIR/up.log;
+//!                    the API server's port read back from DIR/kubeconfig)
 //!  kubectl(...)    ─► $FERRY_KUBECTL or pyenv kubectl --kubeconfig DIR/kubeconfig
 //!  ferry(...)      ─► kubectl-ferry --kubeconfig DIR/kubeconfig
 //!  verify_vm(vm)   ─► status.host ─► DIR/hosts/<host>/state/vms/<ns>.<vm>/serial.sock
@@ -14,8 +15,13 @@
 //! ```
 //!
 //! Each cluster has its own data directory, hence its own namespace and
-//! link names (a hash of the path), so tests run in parallel.
+//! link names (a hash of the path), and its own port picked by the API
+//! server itself, so tests run in parallel. [`net`] adds networked VMs
+//! (the Linux test guest on `ferry up`'s VM network) and clients in the
+//! client namespace.
 #![allow(dead_code)]
+
+pub mod net;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -38,7 +44,10 @@ pub fn kubectl_binary() -> String {
         .unwrap_or_else(|_| "/root/.pyenv/versions/3.11.7/bin/kubectl".to_string())
 }
 
-/// A free TCP port on loopback (bound and released).
+/// A TCP port on loopback that was free a moment ago (bound and
+/// released): another process may take it before the caller binds it, so
+/// use it only where nothing binds it (a `ferry up` meant to fail before
+/// listening). [`Cluster`] lets the API server pick its port instead.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -51,7 +60,8 @@ pub fn free_port() -> u16 {
 pub struct Cluster {
     dir: tempfile::TempDir,
     child: Option<Child>,
-    /// Port of the API server.
+    /// Port of the API server (0 until `ferry up` is ready; it picks the
+    /// port and writes it into the kubeconfig, read back from there).
     pub port: u16,
     /// Hosts.
     pub hosts: u32,
@@ -75,7 +85,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             child: None,
-            port: free_port(),
+            port: 0,
             hosts,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             banner: Vec::new(),
@@ -104,7 +114,8 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
     }
 
-    /// Start `ferry up` on the data directory and wait for it to be ready.
+    /// Start `ferry up` on the data directory and wait for it to be ready
+    /// (on a port the API server picks; a restart may get another one).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "ferry up is already running");
         let log = std::fs::OpenOptions::new()
@@ -119,7 +130,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("127.0.0.1:0")
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -159,6 +170,8 @@ impl Cluster {
         }
         // Keep draining stdout so that ferry up never blocks on a full pipe.
         std::thread::spawn(move || while rx.recv().is_ok() {});
+        self.port = kubeconfig_port(&self.kubeconfig())
+            .unwrap_or_else(|| panic!("no server port in {}", self.kubeconfig().display()));
     }
 
     /// Stop `ferry up` as Ctrl-C would (SIGINT) and wait for its exit.
@@ -472,6 +485,19 @@ impl Drop for Cluster {
         }
         let _ = layout::cleanup(self.dir.path());
     }
+}
+
+/// The port of the (first) cluster's server URL in a kubeconfig.
+pub fn kubeconfig_port(path: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let server = config["clusters"][0]["cluster"]["server"].as_str()?;
+    server
+        .rsplit(':')
+        .next()?
+        .trim_end_matches('/')
+        .parse()
+        .ok()
 }
 
 /// A memtest VM manifest in the default namespace.

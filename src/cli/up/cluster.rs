@@ -203,7 +203,9 @@ pub async fn publish_network(
         return match api.delete(NETWORK_CONFIGMAP, &Default::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(e) => Err(api_err(format!("deleting the ConfigMap {NETWORK_CONFIGMAP}"))(e)),
+            Err(e) => Err(api_err(format!(
+                "deleting the ConfigMap {NETWORK_CONFIGMAP}"
+            ))(e)),
         };
     };
     let cm = json!({
@@ -222,7 +224,9 @@ pub async fn publish_network(
         &Patch::Apply(&cm),
     )
     .await
-    .map_err(api_err(format!("applying the ConfigMap {NETWORK_CONFIGMAP}")))?;
+    .map_err(api_err(format!(
+        "applying the ConfigMap {NETWORK_CONFIGMAP}"
+    )))?;
     Ok(())
 }
 

@@ -231,9 +231,8 @@ pub async fn install(
 /// busybox kept next to a built Linux guest (`… busybox ping`), else
 /// `ping`.
 pub fn ping_command() -> String {
-    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join("ping").is_file())
-    });
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("ping").is_file()));
     if on_path {
         return "ping".into();
     }
@@ -276,12 +275,7 @@ mod tests {
         let vm: VirtualMachine = serde_json::from_value(linux_vm(1, &guest())).unwrap();
         let kernel = vm.spec.boot.kernel.clone().unwrap();
         assert_eq!(kernel.kernel, "/cache/vmlinuz");
-        assert!(
-            kernel
-                .cmdline
-                .unwrap()
-                .contains("ferry.ip=10.78.0.101/24")
-        );
+        assert!(kernel.cmdline.unwrap().contains("ferry.ip=10.78.0.101/24"));
         assert_eq!(vm.spec.networks.len(), 1);
         assert_eq!(vm.spec.networks[0].name, "default");
         assert_eq!(vm.spec.networks[0].ip.as_deref(), Some("10.78.0.101/24"));

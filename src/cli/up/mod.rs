@@ -323,7 +323,10 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             })??;
         eprintln!("ferry up: {}", choice.note);
         let vms = demo::install(&admin, args.demo_vms, &hosts, choice.linux.as_ref()).await?;
-        demo_lines = vms.iter().map(|vm| vm.describe(net_info.as_ref())).collect();
+        demo_lines = vms
+            .iter()
+            .map(|vm| vm.describe(net_info.as_ref()))
+            .collect();
     }
 
     let ca = layout.cluster_ca()?;
