@@ -215,3 +215,56 @@ fn an_evacuated_vm_keeps_its_mac_and_ip() {
     let after = CounterClient::start(&ns, &vm_address(41)).stop();
     assert_eq!(after.error, None, "{after:?}");
 }
+
+#[test]
+fn the_vm_network_survives_a_crash_of_ferry_up_is_removed_on_ctrl_c_and_rebuilt_on_restart() {
+    assert!(root(), "the VM network needs network namespaces (root)");
+    let _one = serial();
+    let mut c = Cluster::up(1);
+    let ns = c.client_namespace();
+    assert!(
+        c.banner.iter().any(|l| l.contains(&ns)),
+        "the banner names the client namespace: {:?}",
+        c.banner
+    );
+    c.apply(&linux_vm("stay", 51));
+    c.wait_vm_running("stay");
+    let status = text(&c.ferry(&["status"]));
+    assert!(
+        status.contains(&format!("ip netns exec {ns} ")) && status.contains("10.78.0.51"),
+        "{status}"
+    );
+
+    // ferry up killed outright: its network stays in place and the next
+    // run keeps it, so the adopted guest's connection goes on.
+    let client = CounterClient::start(&ns, &vm_address(51));
+    let qemus = c.qemu_pids();
+    c.crash();
+    c.start();
+    assert_eq!(c.qemu_pids(), qemus, "the running QEMU was adopted");
+    let mark = client.echoed();
+    client.wait_echoed(mark + AFTER);
+    let report = client.stop();
+    assert_eq!(report.error, None, "{report:?}");
+    assert!(report.echoed >= mark + AFTER, "{report:?}");
+
+    // Ctrl-C removes the whole network; a restart builds it again and the
+    // VM is reachable at the same address.
+    assert!(c.stop().success(), "{}", c.log());
+    assert_eq!(c.network_leftovers(), Vec::<String>::new());
+    c.start();
+    let again = CounterClient::start(&ns, &vm_address(51)).stop();
+    assert_eq!(again.error, None, "{again:?}");
+}
+
+#[test]
+fn without_network_namespaces_ferry_up_says_there_is_no_vm_network() {
+    let c = Cluster::up_with(1, &["--no-netns"]);
+    assert!(
+        c.banner.iter().any(|l| l.starts_with("No VM network")),
+        "{:?}",
+        c.banner
+    );
+    let cm = c.kubectl(&["get", "configmap", "-n", "ferry-system", "ferry-up-network"]);
+    assert!(!cm.status.success(), "no VM network is published");
+}

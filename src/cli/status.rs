@@ -168,8 +168,8 @@ pub async fn status(client: &kube::Client, global: &GlobalArgs) -> anyhow::Resul
     if !status.networked_vms.is_empty() {
         println!("\nVM NETWORK INTERFACES");
         println!(
-            "{:<24} {:<10} {:<10} {:<18} {}",
-            "VM", "HOST", "NETWORK", "MAC", "IP"
+            "{:<24} {:<10} {:<10} {:<18} IP",
+            "VM", "HOST", "NETWORK", "MAC"
         );
         for n in &status.networked_vms {
             println!(

@@ -278,12 +278,17 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
         let id = layout.instance_id();
         let hosts_n = args.hosts;
         let file = layout.network_file();
-        let net = tokio::task::spawn_blocking(move || netns::setup(&id, hosts_n, &file))
+        let (net, kept) = tokio::task::spawn_blocking(move || netns::setup(&id, hosts_n, &file))
             .await
             .map_err(|e| netns::NetnsError::Io {
                 what: "the network setup task".into(),
                 source: std::io::Error::other(e),
             })??;
+        if kept {
+            eprintln!(
+                "ferry up: kept the network namespaces of the earlier run (its VMs stay connected)"
+            );
+        }
         let gateway = net.gateway();
         running.network = Some(net);
         if !api_addr.ip().is_unspecified() {

@@ -260,9 +260,10 @@ pub fn pick_subnet(used: &[u8], preferred: Option<u8>) -> Option<u8> {
 }
 
 /// Build the network for `hosts` hosts of the instance `id`, reusing the
-/// subnet remembered in `state_file` when it is still free. Leftovers of an
-/// earlier run (a crash) are removed first.
-pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<Network, NetnsError> {
+/// subnet remembered in `state_file` when it is still free. A complete
+/// network left by an earlier run that was killed is kept as it is
+/// (returned with `true`); otherwise its leftovers are removed first.
+pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<(Network, bool), NetnsError> {
     let lock_file = std::fs::File::create(SUBNET_LOCK).map_err(|source| NetnsError::Io {
         what: format!("opening {SUBNET_LOCK}"),
         source,
@@ -281,7 +282,7 @@ pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<Network, NetnsEr
         && net.hosts == hosts
         && intact(net)
     {
-        return Ok(net.clone());
+        return Ok((net.clone(), true));
     }
     teardown_instance(id);
     let remembered = remembered.map(|n| n.subnet);
@@ -301,7 +302,7 @@ pub fn setup(id: &str, hosts: u32, state_file: &Path) -> Result<Network, NetnsEr
         teardown(&net);
         return Err(e);
     }
-    Ok(net)
+    Ok((net, false))
 }
 
 /// Whether everything of `net` exists: its namespaces, the root bridge with
