@@ -54,8 +54,8 @@ fn hosts_publish_their_capacity_from_their_own_network_namespaces() {
         }
         assert_eq!(
             c.network_leftovers().len(),
-            2 + 2 + 1,
-            "2 namespaces, 2 veths, a bridge"
+            2 + 2 + 2 + 1,
+            "2 host namespaces, the VM network's switch and client namespaces, 2 veths, a bridge"
         );
     } else {
         assert!(endpoints[0].starts_with("127.0.0.1:"), "{}", endpoints[0]);
