@@ -55,42 +55,74 @@ fn qemu_has_mac(c: &Cluster, host: &str, mac: &str) {
     );
 }
 
+/// The `downtime N ms` that `kubectl ferry migrate` reports at the end.
+fn reported_downtime(out: &str) -> String {
+    out.rsplit("downtime ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
 #[test]
 fn a_live_migrated_vm_keeps_its_tcp_connection_and_every_counter() {
     assert!(root(), "the VM network needs network namespaces (root)");
     let _one = serial();
     let c = Cluster::up(2);
     c.apply(&linux_vm("web", 11));
-    let source = c.wait_vm_running("web");
-    let target = other(&source);
+    c.wait_vm_running("web");
     let nic = c.vm_nic("web");
     assert_eq!(nic.1, "10.78.0.11/24");
     let ns = c.client_namespace();
-    let client = CounterClient::start(&ns, &vm_address(11));
-    let ping = Pinger::start(&ns, &vm_address(11));
+    // There and back: with the default downtime limit, then with 20 ms.
+    for limit in [None, Some("20ms")] {
+        if let Some(limit) = limit {
+            c.kubectl_ok(&[
+                "patch",
+                "mpol",
+                "default",
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"spec":{{"convergence":{{"downtimeLimit":"{limit}"}}}}}}"#),
+            ]);
+            assert_eq!(
+                c.jsonpath(
+                    &["get", "mpol", "default"],
+                    "{.spec.convergence.downtimeLimit}"
+                ),
+                limit
+            );
+        }
+        let source = c.vm_host("default", "web").unwrap();
+        let target = other(&source);
+        let client = CounterClient::start(&ns, &vm_address(11));
+        let ping = Pinger::start(&ns, &vm_address(11));
 
-    let out = c.ferry(&["migrate", "web", "--to", target, "--timeout", "240"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    let at_switchover = client.echoed();
-    client.wait_echoed(at_switchover + AFTER);
-    let report = client.stop();
-    let ping = ping.stop();
+        let out = c.ferry(&["migrate", "web", "--to", target, "--timeout", "240"]);
+        let said = text(&out);
+        assert!(out.status.success(), "{said}\n{}", c.log());
+        let at_switchover = client.echoed();
+        client.wait_echoed(at_switchover + AFTER);
+        let report = client.stop();
+        let ping = ping.stop();
 
-    assert_eq!(report.error, None, "{report:?}");
-    assert!(report.echoed >= at_switchover + AFTER, "{report:?}");
-    assert!(ping.received > 0, "{ping:?}");
-    assert_eq!(c.vm_host("default", "web").as_deref(), Some(target));
-    assert_eq!(c.vm_nic("web"), nic, "MAC and IP moved with the VM");
-    qemu_has_mac(&c, target, &nic.0);
-    let downtime = c.jsonpath(&["get", "mig"], "{.items[0].status.downtimeMs}");
-    eprintln!(
-        "live migration through ferry up: QEMU downtime {downtime} ms; client's longest TCP gap {} ms ({} counters echoed in order); longest ping gap {} ms ({} of {} answered)",
-        report.longest_gap.as_millis(),
-        report.echoed,
-        ping.longest_gap.as_millis(),
-        ping.received,
-        ping.sent,
-    );
+        assert_eq!(report.error, None, "{report:?}");
+        assert!(report.echoed >= at_switchover + AFTER, "{report:?}");
+        assert!(ping.received > 0, "{ping:?}");
+        assert_eq!(c.vm_host("default", "web").as_deref(), Some(target));
+        assert_eq!(c.vm_nic("web"), nic, "MAC and IP moved with the VM");
+        qemu_has_mac(&c, target, &nic.0);
+        eprintln!(
+            "live migration through ferry up (downtimeLimit {}): QEMU downtime {} ms; client's longest TCP gap {} ms ({} counters echoed in order); longest ping gap {} ms ({} of {} answered)",
+            limit.unwrap_or("300ms, the default"),
+            reported_downtime(&said),
+            report.longest_gap.as_millis(),
+            report.echoed,
+            ping.longest_gap.as_millis(),
+            ping.received,
+            ping.sent,
+        );
+    }
 }
 
 #[test]
