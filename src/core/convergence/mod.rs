@@ -17,8 +17,10 @@
 //!   pausing the guest, which on a dead link would only lose the guest or
 //!   stop it for nothing.
 //! - *converging*: the link carries more than the guest dirties (throughput
-//!   over dirty rate, averaged over the last samples): remaining shrinks at
-//!   `throughput − dirty rate`, which gives the estimated time to completion.
+//!   over dirty rate, averaged over the last samples) and there has been
+//!   progress within a step: remaining shrinks at `throughput − dirty rate`,
+//!   which gives the estimated time to completion. Rates that say
+//!   "converging" while remaining memory makes no new low do not count.
 //! - *stalling*: bytes move but there has been no progress for a step
 //!   (`progressTimeout / 5`, between 3 and 30 s). Each mode's escalation
 //!   waits a step after its previous change before the next.
@@ -218,13 +220,18 @@ pub fn decide(
         }
         prev_transferred = Some(s.transferred);
     }
-    let converging = throughput > 0.0 && dirty < throughput;
+    let no_progress = now.since(last_progress);
+    // The rates are averages of QEMU's estimates; the remaining bytes are
+    // the truth. A link that carries a little more than the guest dirties
+    // (a guest throttled to 99% that paces its writes by the clock) can look
+    // converging for ever while remaining memory makes no new low: that is
+    // not converging.
+    let converging = throughput > 0.0 && dirty < throughput && no_progress < step(cfg);
     let eta =
         converging.then(|| Duration::from_secs_f64(last.remaining as f64 / (throughput - dirty)));
     let frozen = now.since(last_moved);
     // Starting post-copy or pausing the guest only helps when bytes flow.
     let moving = frozen <= MOVING_WITHIN;
-    let no_progress = now.since(last_progress);
     let explanation = if !moving {
         format!(
             "no bytes moved for {}s ({} MiB sent, {} MiB left)",
@@ -333,7 +340,7 @@ pub fn decide(
         };
         return abort(reason, why);
     }
-    let stalling = no_progress >= step(cfg) && !converging;
+    let stalling = no_progress >= step(cfg);
     let rested = tuning.last_change.is_none_or(|t| now.since(t) >= step(cfg));
     if stalling && rested && moving {
         return decision(next_step);

@@ -280,6 +280,66 @@ fn suspend_workload_climbs_its_ladder_step_by_step_and_ends_paused() {
     );
 }
 
+/// Measured through `ferry up`: throttled to 99% a guest that paces its
+/// writes by the clock still dirtied 7.6 MB/s against 8.3 MB/s on the link,
+/// with the same 32 MiB left round after round. The rates say "converging";
+/// remaining memory says otherwise.
+fn plateau(secs: u64) -> Vec<ProgressSample> {
+    (1..=secs)
+        .map(|t| ProgressSample {
+            at: at(t),
+            iteration: t,
+            total: 64 * MIB,
+            transferred: t * 8_300_000,
+            remaining: 32 * MIB,
+            dirty_rate: 7_600_000,
+            throughput: 8_300_000,
+            expected_downtime: None,
+            cpu_throttle_percent: 99,
+        })
+        .collect()
+}
+
+#[test]
+fn rates_that_look_converging_without_a_new_low_still_escalate() {
+    let samples = plateau(60);
+    for (mode, want) in [
+        (
+            ConvergenceMode::SuspendWorkloadIfNeeded,
+            Action::EnableAutoConverge {
+                initial: THROTTLE_INITIAL,
+                increment: THROTTLE_INCREMENT,
+            },
+        ),
+        (ConvergenceMode::PostCopy, Action::StartPostCopy),
+    ] {
+        let c = cfg(mode);
+        let first = (1..=samples.len()).find_map(|n| {
+            let d = decide(&samples[..n], &set(), &c, &ctx(true), samples[n - 1].at);
+            (d.action != Action::Continue).then_some((n, d))
+        });
+        let (n, d) = first.unwrap_or_else(|| panic!("{mode:?} never escalated"));
+        assert_eq!(d.action, want, "{mode:?}");
+        // The first sample is the low; a step without a new one is a stall.
+        assert_eq!(at(n as u64).since(at(1)), step(&c), "{mode:?}");
+        assert!(!d.assessment.converging, "{}", d.assessment.explanation);
+        assert!(
+            d.assessment.explanation.starts_with("not converging"),
+            "{}",
+            d.assessment.explanation
+        );
+    }
+    // Before a step has passed the rates are believed.
+    let d = decide(
+        &samples[..5],
+        &set(),
+        &cfg(ConvergenceMode::SuspendWorkloadIfNeeded),
+        &ctx(true),
+        at(5),
+    );
+    assert!(d.assessment.converging && d.assessment.eta.is_some());
+}
+
 #[test]
 fn legacy_keeps_qemu_defaults_and_aborts_at_the_progress_timeout() {
     let c = ConvergenceConfig {

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::core::policy::EffectivePolicy;
+use crate::core::policy::{ConvergenceMode, EffectivePolicy};
 use crate::core::time::{GIB, Timestamp};
 
 mod table;
@@ -210,6 +210,48 @@ fn no_progress_for_the_timeout_asks_for_an_abort_and_the_answer_fails_the_migrat
         "{d2:?}"
     );
     assert!(d2.actions.contains(&Action::ClearVmMigration));
+}
+
+#[test]
+fn the_ladder_modes_climb_past_the_progress_timeout_and_end_at_the_completion_deadline() {
+    for mode in [
+        ConvergenceMode::SuspendWorkloadIfNeeded,
+        ConvergenceMode::PostCopy,
+    ] {
+        let mut p = EffectivePolicy::default();
+        p.convergence.mode = mode;
+        let mut o = base(MigrationState::Running {
+            source: "src".into(),
+            target: "dst".into(),
+            started: T0,
+            abort: None,
+        });
+        o.vm = VmObservation::Present {
+            host: Some("src".into()),
+            migratable: true,
+            unsafe_disk_cache: false,
+            memory: 8 * GIB,
+        };
+        o.source = SourceReport::Transferring { last_progress: T0 };
+        let past_backstop = T0.plus(
+            p.convergence.progress_timeout + PROGRESS_BACKSTOP_SLACK + Duration::from_secs(1),
+        );
+        let d = decide(&o, &p, past_backstop);
+        assert!(
+            !d.actions
+                .iter()
+                .any(|a| matches!(a, Action::RequestAbort { .. })),
+            "{mode:?}: the agent's ladder is still climbing: {d:?}"
+        );
+        let deadline = Deadlines::new(T0, 8 * GIB, p.convergence.completion_timeout_per_gib);
+        let d = decide(&o, &p, deadline.completion.plus(Duration::from_secs(1)));
+        assert!(
+            d.actions.contains(&Action::RequestAbort {
+                reason: "CompletionTimeout"
+            }),
+            "{mode:?}: {d:?}"
+        );
+    }
 }
 
 #[test]

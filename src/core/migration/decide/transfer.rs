@@ -7,7 +7,7 @@ use super::{
     MigrationState, Observation, PROGRESS_BACKSTOP_SLACK, SourceReport, TargetReport, cancelled,
     fail, healthy,
 };
-use crate::core::policy::EffectivePolicy;
+use crate::core::policy::{ConvergenceMode, EffectivePolicy};
 use crate::core::time::Timestamp;
 
 pub(super) fn running(
@@ -155,8 +155,17 @@ pub(super) fn running(
         SourceReport::Transferring { last_progress } => (*last_progress).max(started),
         _ => started,
     };
+    // The backstop stands in for a source agent that stopped deciding, in
+    // the modes whose agent gives up at progressTimeout. The ladder modes
+    // (PostCopy, SuspendWorkloadIfNeeded) climb past progressTimeout by
+    // design — throttling, raising the downtime, pausing take a step each —
+    // and end at the completion deadline above.
+    let gives_up_at_progress_timeout = matches!(
+        policy.convergence.mode,
+        ConvergenceMode::MinimalDowntime | ConvergenceMode::Legacy
+    );
     let allowed = policy.convergence.progress_timeout + PROGRESS_BACKSTOP_SLACK;
-    if now.since(last_progress) > allowed {
+    if gives_up_at_progress_timeout && now.since(last_progress) > allowed {
         let m = format!("no progress for {}s", now.since(last_progress).as_secs());
         return abort_with(
             AbortCause::Failure(FailureReason::ProgressTimeout, m.clone()),
