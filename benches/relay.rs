@@ -1,6 +1,10 @@
 //! Migration throughput: QEMU → QEMU directly over a unix socket (the
-//! limit) against Ferry's relay in plain mode and with mutual TLS, on the
-//! same guest filled with non-zero data, rounds interleaved.
+//! limit) against a plain userspace relay (socat with 256 KiB buffers, the
+//! proxy design KubeVirt uses) over TCP and over OpenSSL with mutual
+//! authentication, and against Ferry's relay in plain mode and with mutual
+//! TLS, on the same guest filled with non-zero data, rounds interleaved.
+//! Relay CPU is this process's for Ferry's relay, the socat processes' for
+//! socat.
 //!
 //! `cargo bench --bench relay`. Environment: `FERRY_BENCH_MIB` (guest
 //! memory, default 1024), `FERRY_BENCH_ROUNDS` (default 3),
@@ -10,6 +14,8 @@
 //! state directories and relays on loopback), so it is filled once.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +33,24 @@ use ferry::agent::vms::VmManager;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Direct,
+    SocatPlain,
+    SocatTls,
     RelayPlain,
     RelayTls,
 }
 
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::SocatPlain,
+    Mode::SocatTls,
+    Mode::RelayPlain,
+    Mode::RelayTls,
+];
+
 struct Host {
     name: String,
+    /// `ca.crt`, `host.crt`, `host.key` (for socat's OpenSSL).
+    pki: PathBuf,
     vms: VmManager,
     tls: (TargetRelay, Arc<MigrationTable>),
     plain: (TargetRelay, Arc<MigrationTable>),
@@ -84,6 +102,8 @@ fn rss_kib(field: &str) -> u64 {
 
 async fn host(root: &std::path::Path, name: &str, ca: &ClusterCa) -> Host {
     let id = ca.issue_host(name).unwrap();
+    let pki = root.join(format!("{name}-pki"));
+    id.save(&pki).unwrap();
     let tls = TlsSettings::default();
     let relay = |transport| async {
         let table = Arc::new(MigrationTable::default());
@@ -94,10 +114,123 @@ async fn host(root: &std::path::Path, name: &str, ca: &ClusterCa) -> Host {
     };
     Host {
         name: name.into(),
+        pki,
         vms: VmManager::new(root.join(name)),
         tls: relay(ServerTransport::Tls(tls.server_config(&id).unwrap())).await,
         plain: relay(ServerTransport::InsecurePlain).await,
         client: tls.client_config(&id).unwrap(),
+    }
+}
+
+/// CPU seconds a process has used so far (0 once it is gone).
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Whether something listens on 127.0.0.1:`port` (without connecting,
+/// which socat would take for the migration).
+fn listening(port: u16) -> bool {
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&needle))
+}
+
+/// The two socat processes of one migration: target side listening on TCP
+/// (or OpenSSL) and delivering to the target QEMU's socket, source side
+/// listening on a unix socket for the source QEMU.
+struct Socat {
+    children: Vec<Child>,
+    socket: PathBuf,
+}
+
+impl Socat {
+    async fn start(
+        tls: bool,
+        multifd: bool,
+        from: &Host,
+        to: &Host,
+        src_dir: &Path,
+        incoming: &Path,
+    ) -> Socat {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let fork = if multifd { ",fork" } else { "" };
+        let creds = |h: &Host| {
+            format!(
+                "cert={0}/host.crt,key={0}/host.key,cafile={0}/ca.crt,verify=1",
+                h.pki.display()
+            )
+        };
+        let listen = if tls {
+            format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr{fork},{}",
+                creds(to)
+            )
+        } else {
+            format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr{fork}")
+        };
+        let spawn = |a: String, b: String| {
+            Command::new("socat")
+                .args(["-b262144", &a, &b])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("socat (apt-get install socat)")
+        };
+        let target = spawn(listen, format!("UNIX-CONNECT:{}", incoming.display()));
+        while !listening(port) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let socket = src_dir.join("socat.sock");
+        let connect = if tls {
+            format!(
+                "OPENSSL:127.0.0.1:{port},commonname={},{}",
+                to.name,
+                creds(from)
+            )
+        } else {
+            format!("TCP:127.0.0.1:{port}")
+        };
+        let source = spawn(
+            format!("UNIX-LISTEN:{},unlink-early{fork}", socket.display()),
+            connect,
+        );
+        while !socket.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Socat {
+            children: vec![source, target],
+            socket,
+        }
+    }
+
+    /// CPU the socat processes have used.
+    fn cpu(&self) -> f64 {
+        self.children.iter().map(|c| process_cpu(c.id())).sum()
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -122,8 +255,22 @@ async fn migrate_once(
         table.expect(mref.clone(), &from.name, target.incoming_socket());
         relay.local_addr()
     };
+    let socat = match mode {
+        Mode::SocatPlain | Mode::SocatTls => Some(
+            Socat::start(
+                mode == Mode::SocatTls,
+                config.multifd_channels.is_some(),
+                from,
+                to,
+                vm.dir().path(),
+                &target.incoming_socket(),
+            )
+            .await,
+        ),
+        _ => None,
+    };
     let relay = match mode {
-        Mode::Direct => None,
+        Mode::Direct | Mode::SocatPlain | Mode::SocatTls => None,
         Mode::RelayPlain | Mode::RelayTls => {
             let (addr, transport) = if mode == Mode::RelayTls {
                 (relay_to(&to.tls), ClientTransport::Tls(from.client.clone()))
@@ -145,9 +292,10 @@ async fn migrate_once(
             )
         }
     };
-    let uri = match &relay {
-        Some(r) => format!("unix:{}", r.socket_path().display()),
-        None => format!("unix:{}", target.incoming_socket().display()),
+    let uri = match (&relay, &socat) {
+        (Some(r), _) => format!("unix:{}", r.socket_path().display()),
+        (None, Some(s)) => format!("unix:{}", s.socket.display()),
+        (None, None) => format!("unix:{}", target.incoming_socket().display()),
     };
     let q = vm.qmp();
     let caps = [("multifd", config.multifd_channels.is_some())];
@@ -184,8 +332,19 @@ async fn migrate_once(
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let relay_cpu = cpu_seconds() - cpu0;
+    // socat lingers half a second after the stream ends: its CPU is read
+    // while it is still there.
+    let mut relay_cpu = match &socat {
+        Some(s) => s.cpu(),
+        None => cpu_seconds() - cpu0,
+    };
+    // socat may still hold the stream's tail for the target: it goes only
+    // once the target runs.
     target.wait_running(Duration::from_secs(60)).await.unwrap();
+    if let Some(s) = &socat {
+        relay_cpu = relay_cpu.max(s.cpu());
+    }
+    drop(socat);
     migrate::finish_source(&from.vms, vm).await.unwrap();
     let ram = info.ram.unwrap_or_default();
     let round = Round {
@@ -258,12 +417,12 @@ async fn main() {
     let mut on_a = true;
     let started = Instant::now();
     for r in 0..rounds {
-        for mode in [Mode::Direct, Mode::RelayPlain, Mode::RelayTls] {
+        for mode in MODES {
             let (from, to) = if on_a { (&a, &b) } else { (&b, &a) };
             let n = results.len();
             let (round, next) = migrate_once(mode, n, &spec, &config, from, &vm, to).await;
             println!(
-                "round {r} {:<10} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms, relay CPU {:.2} s)",
+                "round {r} {:<11} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms, relay CPU {:.2} s)",
                 format!("{mode:?}"),
                 round.bytes as f64 / (1 << 20) as f64 / (round.qemu_ms as f64 / 1000.0),
                 round.bytes >> 20,
@@ -295,16 +454,22 @@ async fn main() {
         )
     };
     let direct = rate(Mode::Direct);
+    let ratio = |a: Mode, b: Mode| rate(a) / rate(b);
     println!("\nmedian of {rounds} rounds (QEMU's own total-time):");
-    for m in [Mode::Direct, Mode::RelayPlain, Mode::RelayTls] {
+    for m in MODES {
         println!(
-            "  {:<10} {:>8.1} MiB/s   ratio to direct {:.2}   relay CPU {:.2} s/GiB",
+            "  {:<11} {:>8.1} MiB/s   ratio to direct {:.2}   relay CPU {:.2} s/GiB",
             format!("{m:?}"),
             rate(m) / (1 << 20) as f64,
             rate(m) / direct,
             cpu_per_gib(m)
         );
     }
+    println!(
+        "  Ferry TLS / socat TLS {:.2}   Ferry plain / socat plain {:.2}",
+        ratio(Mode::RelayTls, Mode::SocatTls),
+        ratio(Mode::RelayPlain, Mode::SocatPlain)
+    );
     println!(
         "bench process (agents' relays) RSS: idle {} MiB, peak {} MiB; wall {:.1} s",
         idle_rss >> 10,

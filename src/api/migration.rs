@@ -4,7 +4,7 @@
 // reads the repetition as a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,12 @@ use serde::{Deserialize, Serialize};
         type_ = "integer",
         json_path = ".status.progress.percent",
         description = "Percent of memory transferred"
+    ),
+    printcolumn(
+        name = "Pause",
+        type_ = "integer",
+        json_path = ".status.pauseMs",
+        description = "Milliseconds from the guest stopping on the source to it running on the target"
     ),
     printcolumn(
         name = "Reason",
@@ -189,6 +195,19 @@ pub struct MigrationStatus {
     /// Total duration of the transfer, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The real pause, in milliseconds: from the guest stopping on the
+    /// source (QEMU's `STOP` event there) to it running on the target (the
+    /// `RESUME` event there), the two hosts' clocks compared as
+    /// `docs/protocol.md` describes. At least `downtimeMs`, which QEMU
+    /// measures on the source alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// How far `pauseMs` may be off, in milliseconds, from comparing two
+    /// hosts' clocks (half the round trip of the clock exchange plus the
+    /// clocks' possible drift since). Absent when the target's clock could
+    /// not be measured and synchronised clocks were assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_error_ms: Option<u64>,
     /// Machine-readable reason of a failure (e.g. `ProgressTimeout`,
     /// `NoHostFits`, `StreamStalled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,6 +245,18 @@ pub struct AgentReport {
     /// low (the progress timeout counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress: Option<Time>,
+    /// Source: when the guest stopped here for the switchover (QEMU's `STOP`
+    /// event, this host's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_stopped: Option<MicroTime>,
+    /// Target: when the guest started running here (QEMU's `RESUME` event,
+    /// this host's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_resumed: Option<MicroTime>,
+    /// Post-copy recovery round: in the source's report the round it asks
+    /// for (the stream broke), in the target's the round it listens for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<u32>,
 }
 
 /// The states an agent reports for its half of a migration.

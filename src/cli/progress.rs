@@ -55,6 +55,12 @@ pub fn migration_line(m: &Migration) -> String {
     if let Some(ms) = status.downtime_ms {
         line.push_str(&format!(", downtime {ms} ms"));
     }
+    if let Some(ms) = status.pause_ms {
+        line.push_str(&format!(", pause {ms} ms"));
+        if let Some(e) = status.pause_error_ms {
+            line.push_str(&format!(" ± {e}"));
+        }
+    }
     if let Some(reason) = &status.failure_reason {
         line.push_str(&format!(" [{reason}]"));
     }

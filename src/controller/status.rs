@@ -351,6 +351,9 @@ pub fn report(state: AgentState, reason: Option<&str>) -> AgentReport {
         message: None,
         time: None,
         last_progress: None,
+        guest_stopped: None,
+        guest_resumed: None,
+        recovery: None,
     }
 }
 

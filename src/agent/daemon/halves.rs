@@ -9,8 +9,14 @@
 //!    relay expects (this migration, source)           progress every second,
 //!    report Ready                                     SwitchedOver(downtime) | Aborted | Failed
 //!    guest runs here → report Running           Cold: stop the guest → SwitchedOver
+//!      (guestResumed: QEMU's RESUME)                  (guestStopped: QEMU's STOP; pauseMs)
+//!    post-copy: serve recovery rounds           post-copy stream broke: recovery rounds
 //!    phase final → forget the relay entry
 //! ```
+//!
+//! The source half lives in `source_half`, the target half in
+//! `target_half`, post-copy recovery in `recovery`, progress reporting in
+//! `progress`.
 //!
 //! A half that was under way when the agent restarted cannot be resumed
 //! (its relay died with the agent, and QEMU failed the stream): it is
@@ -19,8 +25,8 @@
 //! Migrations (see [`super::Agent::reserved`]); the VM plan cleans up what
 //! is left once the migration is final.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -28,25 +34,15 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::migrate::{
-    self, Bandwidth, ConvergencePolicy, MigrationConfig, MigrationError, ProgressSample, Throttle,
-};
-use crate::agent::relay::{ClientTransport, MigrationRef, SourceRelay, SourceRelayConfig};
-use crate::api::migration::{AgentReport, AgentState, Progress};
-use crate::api::{Host, Migration, MigrationPhase, MigrationPolicy, MigrationType};
-use crate::core::convergence::{self, Assessment, Context, Tuning};
+use crate::agent::migrate::{Bandwidth, MigrationConfig, Throttle};
+use crate::api::migration::{AgentReport, AgentState};
+use crate::api::{Migration, MigrationPhase, MigrationPolicy, MigrationType};
+use crate::core::convergence;
 use crate::core::policy::{self as core_policy, EffectivePolicy, PolicySource};
-use crate::core::time::Timestamp as CoreTime;
 
-use super::plan::local_name;
-use super::{Agent, error_chain as chain, migration_owns_qemus};
-
-/// How long the source waits for the target to confirm that the guest runs
-/// before it reports the switchover on QEMU's word alone.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a live transfer may run at the very most (the policy's
-/// deadlines end it long before).
-const TARGET_WAIT: Duration = Duration::from_secs(24 * 3600);
+use super::source_half::source_half;
+use super::target_half::target_half;
+use super::{Agent, migration_owns_qemus};
 
 /// A running half.
 pub struct Half {
@@ -55,7 +51,7 @@ pub struct Half {
 
 /// Which half.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(super) enum Role {
     Source,
     Target,
 }
@@ -183,7 +179,7 @@ pub fn shutdown(agent: &Agent) {
 }
 
 /// The Migration as the cache has it now.
-fn current(agent: &Agent, m: &Migration) -> Option<Arc<Migration>> {
+pub(super) fn current(agent: &Agent, m: &Migration) -> Option<Arc<Migration>> {
     agent
         .migration_store
         .state()
@@ -193,7 +189,7 @@ fn current(agent: &Agent, m: &Migration) -> Option<Arc<Migration>> {
 
 /// Whether the controller wants this migration's transfer stopped: a final
 /// phase, a deletion, a cancel or the `AbortRequested` condition.
-fn abort_wanted(m: &Migration) -> bool {
+pub(super) fn abort_wanted(m: &Migration) -> bool {
     let status = m.status.clone().unwrap_or_default();
     matches!(
         status.phase,
@@ -207,7 +203,7 @@ fn abort_wanted(m: &Migration) -> bool {
 }
 
 /// Write this agent's report (and optionally more status fields).
-async fn report_half(
+pub(super) async fn report_half(
     agent: &Agent,
     m: &Migration,
     role: Role,
@@ -222,11 +218,16 @@ async fn report_half(
         message,
         time: Some(Time(Timestamp::now())),
         last_progress: None,
+        guest_stopped: None,
+        guest_resumed: None,
+        recovery: None,
     };
     report_with(agent, m, role, report, extra).await;
 }
 
-async fn report_with(
+/// Write `report` as this agent's half (fields left `None` keep their
+/// earlier values: a JSON merge patch), with `extra` status fields.
+pub(super) async fn report_with(
     agent: &Agent,
     m: &Migration,
     role: Role,
@@ -257,7 +258,7 @@ async fn report_with(
 }
 
 /// The effective policy the controller chose for this migration.
-async fn effective_policy(agent: &Agent, m: &Migration) -> (EffectivePolicy, u32) {
+pub(super) async fn effective_policy(agent: &Agent, m: &Migration) -> (EffectivePolicy, u32) {
     let name = m.status.as_ref().and_then(|s| s.policy.clone());
     let Some(name) = name else {
         return (EffectivePolicy::default(), 0);
@@ -292,7 +293,7 @@ fn post_copy_available() -> bool {
 }
 
 /// The executor's configuration from the effective policy.
-fn migration_config(
+pub(super) fn migration_config(
     policy: &EffectivePolicy,
     channels: u32,
     stall_floor: Duration,
@@ -327,179 +328,9 @@ fn migration_config(
     }
 }
 
-async fn target_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
-    report_half(
-        agent,
-        m,
-        Role::Target,
-        AgentState::Preparing,
-        None,
-        None,
-        None,
-    )
-    .await;
-    let namespace = m.namespace().unwrap_or_default();
-    let vm = agent.vm_store.state().into_iter().find(|v| {
-        v.namespace().as_deref() == Some(namespace.as_str()) && v.name_any() == m.spec.vm_name
-    });
-    let Some(vm) = vm else {
-        let message = format!("VirtualMachine {namespace}/{} not found", m.spec.vm_name);
-        report_half(
-            agent,
-            m,
-            Role::Target,
-            AgentState::Failed,
-            Some("VmNotFound"),
-            Some(message),
-            None,
-        )
-        .await;
-        return;
-    };
-    // The NICs join this host's bridges on taps created here (net).
-    let spec = match super::vmloop::spec_with_taps(agent, &vm) {
-        Ok(spec) => spec,
-        Err((_, message)) => {
-            report_half(
-                agent,
-                m,
-                Role::Target,
-                AgentState::Failed,
-                Some("TargetPreparationFailed"),
-                Some(message),
-                None,
-            )
-            .await;
-            return;
-        }
-    };
-    if m.spec.migration_type == MigrationType::Cold {
-        // Nothing to prepare: once the source has stopped the guest, the
-        // controller places the VM here and the VM loop starts it.
-        report_half(
-            agent,
-            m,
-            Role::Target,
-            AgentState::Ready,
-            None,
-            Some("the VM will start here from its definition".into()),
-            None,
-        )
-        .await;
-        return;
-    }
-    let (policy, channels) = effective_policy(agent, m).await;
-    let config = migration_config(&policy, channels, agent.config.stall_timeout);
-    // A dead QEMU of an earlier attempt may still be in the manager.
-    if agent
-        .vms
-        .get(&spec.name)
-        .await
-        .is_some_and(|p| !p.is_alive())
-    {
-        agent.vms.forget(&spec.name).await;
-    }
-    let handle = match migrate::prepare_target(&agent.vms, &spec, &config).await {
-        Ok(h) => h,
-        Err(e) => {
-            report_half(
-                agent,
-                m,
-                Role::Target,
-                AgentState::Failed,
-                Some("TargetPreparationFailed"),
-                Some(chain(&e)),
-                None,
-            )
-            .await;
-            return;
-        }
-    };
-    let Some(uid) = m.uid() else { return };
-    let source_host = m
-        .status
-        .as_ref()
-        .and_then(|s| s.source_host.clone())
-        .unwrap_or_default();
-    let migration = MigrationRef {
-        namespace: namespace.clone(),
-        name: m.name_any(),
-        uid: uid.clone(),
-    };
-    let _delivery = agent
-        .table
-        .expect(migration, &source_host, handle.incoming_socket());
-    report_half(agent, m, Role::Target, AgentState::Ready, None, None, None).await;
-
-    let outcome = tokio::select! {
-        r = handle.wait_running(TARGET_WAIT) => Some(r),
-        _ = wait_until(agent, m, cancel, abort_wanted) => None,
-    };
-    match outcome {
-        Some(Ok(())) => {
-            report_half(
-                agent,
-                m,
-                Role::Target,
-                AgentState::Running,
-                None,
-                Some(format!("the guest runs on {}", agent.config.host)),
-                None,
-            )
-            .await;
-            // Keep the relay entry until the migration is final (post-copy
-            // recovery would come through it).
-            wait_until(agent, m, cancel, |m| {
-                !migration_owns_qemus(m.status.clone().unwrap_or_default().phase)
-            })
-            .await;
-        }
-        Some(Err(e)) => {
-            let expected = current(agent, m).is_some_and(|m| abort_wanted(&m));
-            if !expected {
-                report_half(
-                    agent,
-                    m,
-                    Role::Target,
-                    AgentState::Failed,
-                    Some("TargetExited"),
-                    Some(chain(&e)),
-                    None,
-                )
-                .await;
-            }
-            let _ = handle.abort(&agent.vms).await;
-            report_half(
-                agent,
-                m,
-                Role::Target,
-                AgentState::CleanedUp,
-                None,
-                None,
-                None,
-            )
-            .await;
-        }
-        None => {
-            let _ = handle.abort(&agent.vms).await;
-            report_half(
-                agent,
-                m,
-                Role::Target,
-                AgentState::CleanedUp,
-                None,
-                Some("the migration ended before the guest ran here".into()),
-                None,
-            )
-            .await;
-        }
-    }
-    agent.table.remove(&uid);
-}
-
 /// Wait until `done` holds for the cached Migration (or it is gone, or the
 /// agent shuts down).
-async fn wait_until(
+pub(super) async fn wait_until(
     agent: &Agent,
     m: &Migration,
     cancel: &CancellationToken,
@@ -513,493 +344,6 @@ async fn wait_until(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
-}
-
-/// The core's convergence decision behind the executor's policy hook.
-struct CoreConvergence {
-    cfg: core_policy::ConvergenceConfig,
-    ctx: Context,
-    tuning: Tuning,
-    started: Instant,
-    shared: Arc<Mutex<Shared>>,
-}
-
-/// What the convergence decision tells the progress writer.
-#[derive(Default)]
-struct Shared {
-    assessment: Option<Assessment>,
-    abort_reason: Option<String>,
-    last_progress: Option<Timestamp>,
-    min_remaining: Option<u64>,
-}
-
-fn core_time(at: Timestamp) -> CoreTime {
-    CoreTime::from_millis(at.as_millisecond())
-}
-
-impl ConvergencePolicy for CoreConvergence {
-    fn next_action(&mut self, samples: &[ProgressSample]) -> migrate::Action {
-        let start = Timestamp::now() - self.started.elapsed();
-        let core_samples: Vec<convergence::ProgressSample> = samples
-            .iter()
-            .map(|s| convergence::ProgressSample {
-                at: core_time(start + s.elapsed),
-                iteration: s.iteration,
-                total: s.total_bytes,
-                transferred: s.transferred_bytes,
-                remaining: s.remaining_bytes,
-                dirty_rate: s.dirty_rate,
-                throughput: s.throughput,
-                expected_downtime: s.expected_downtime,
-                cpu_throttle_percent: u8::try_from(s.cpu_throttle_percent).unwrap_or(u8::MAX),
-            })
-            .collect();
-        let now = core_time(Timestamp::now());
-        let decision = convergence::decide(&core_samples, &self.tuning, &self.cfg, &self.ctx, now);
-        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        shared.assessment = Some(decision.assessment);
-        let changed = |t: &mut Tuning| t.last_change = Some(now);
-        match decision.action {
-            convergence::Action::Continue => migrate::Action::Continue,
-            convergence::Action::SetDowntimeLimit(d) => {
-                self.tuning.downtime_limit = Some(d);
-                changed(&mut self.tuning);
-                migrate::Action::SetDowntimeLimit(d)
-            }
-            convergence::Action::EnableAutoConverge { initial, increment } => {
-                self.tuning.auto_converge = true;
-                self.tuning.throttle_percent = initial;
-                changed(&mut self.tuning);
-                migrate::Action::SetThrottle(Throttle { initial, increment })
-            }
-            convergence::Action::RaiseThrottle(p) => {
-                self.tuning.throttle_percent = p;
-                changed(&mut self.tuning);
-                migrate::Action::SetThrottle(Throttle {
-                    initial: p,
-                    increment: convergence::THROTTLE_INCREMENT,
-                })
-            }
-            convergence::Action::StartPostCopy => {
-                self.tuning.post_copy = true;
-                changed(&mut self.tuning);
-                migrate::Action::StartPostcopy
-            }
-            convergence::Action::PauseGuest => {
-                self.tuning.paused = true;
-                changed(&mut self.tuning);
-                migrate::Action::PauseGuest
-            }
-            // Post-copy recovery over a new relay connection is not built
-            // yet: keep waiting rather than abort (which would lose the guest).
-            convergence::Action::RecoverPostCopy => migrate::Action::Continue,
-            convergence::Action::Abort { reason, message } => {
-                shared.abort_reason = Some(reason.as_str().to_string());
-                migrate::Action::Abort(message)
-            }
-        }
-    }
-}
-
-async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
-    let namespace = m.namespace().unwrap_or_default();
-    let name = local_name(&namespace, &m.spec.vm_name);
-    let Some(vm) = agent.vms.get(&name).await.filter(|p| p.is_alive()) else {
-        let message = format!(
-            "VM {namespace}/{} does not run on {}",
-            m.spec.vm_name, agent.config.host
-        );
-        report_half(
-            agent,
-            m,
-            Role::Source,
-            AgentState::Failed,
-            Some("VmNotRunning"),
-            Some(message),
-            None,
-        )
-        .await;
-        return;
-    };
-    if m.spec.migration_type == MigrationType::Cold {
-        report_half(
-            agent,
-            m,
-            Role::Source,
-            AgentState::Transferring,
-            None,
-            Some("stopping the guest".into()),
-            None,
-        )
-        .await;
-        return match agent.vms.stop(&name, Duration::from_secs(10)).await {
-            Ok(()) => {
-                let message =
-                    "the guest is stopped here; it starts on the target with the same identity"
-                        .to_string();
-                report_half(
-                    agent,
-                    m,
-                    Role::Source,
-                    AgentState::SwitchedOver,
-                    None,
-                    Some(message),
-                    None,
-                )
-                .await
-            }
-            Err(e) => {
-                report_half(
-                    agent,
-                    m,
-                    Role::Source,
-                    AgentState::Failed,
-                    Some("TransferFailed"),
-                    Some(chain(&e)),
-                    None,
-                )
-                .await
-            }
-        };
-    }
-    let target_host = m
-        .status
-        .as_ref()
-        .and_then(|s| s.target_host.clone())
-        .unwrap_or_default();
-    let endpoint = match Api::<Host>::all(agent.client.clone())
-        .get(&target_host)
-        .await
-    {
-        Ok(h) => h.spec.migration_endpoint.clone(),
-        Err(e) => {
-            tracing::warn!(host = %target_host, error = %e, "reading the target host");
-            None
-        }
-    };
-    let target_addr = match endpoint {
-        Some(ep) => tokio::net::lookup_host(ep.as_str())
-            .await
-            .ok()
-            .and_then(|mut a| a.next()),
-        None => None,
-    };
-    let Some(target_addr) = target_addr else {
-        let message = format!("host {target_host} has no reachable migration endpoint");
-        report_half(
-            agent,
-            m,
-            Role::Source,
-            AgentState::Failed,
-            Some("TransferFailed"),
-            Some(message),
-            None,
-        )
-        .await;
-        return;
-    };
-    let (policy, channels) = effective_policy(agent, m).await;
-    let config = migration_config(&policy, channels, agent.config.stall_timeout);
-    let Some(uid) = m.uid() else { return };
-    let relay = SourceRelay::start(SourceRelayConfig {
-        migration: MigrationRef {
-            namespace: namespace.clone(),
-            name: m.name_any(),
-            uid,
-        },
-        source_host: agent.config.host.clone(),
-        target_host: target_host.clone(),
-        target_addr,
-        socket_path: migrate::source_socket(&vm),
-        transport: ClientTransport::Tls(agent.client_tls.clone()),
-        bandwidth: config.bandwidth.relay_limit(),
-    })
-    .await;
-    let relay = match relay {
-        Ok(r) => r,
-        Err(e) => {
-            report_half(
-                agent,
-                m,
-                Role::Source,
-                AgentState::Failed,
-                Some("TransferFailed"),
-                Some(chain(&e)),
-                None,
-            )
-            .await;
-            return;
-        }
-    };
-    let started = Timestamp::now();
-    report_half(
-        agent,
-        m,
-        Role::Source,
-        AgentState::Transferring,
-        None,
-        None,
-        None,
-    )
-    .await;
-
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut policy_hook = CoreConvergence {
-        cfg: policy.convergence,
-        ctx: Context {
-            started: core_time(started),
-            post_copy_available: config.postcopy,
-        },
-        tuning: Tuning::default(),
-        started: Instant::now(),
-        shared: shared.clone(),
-    };
-    // The observer runs inside the executor: it only records; a task writes.
-    let (progress_tx, progress_rx) = tokio::sync::watch::channel::<Option<ProgressSample>>(None);
-    let mut observer = move |s: &ProgressSample| {
-        let _ = progress_tx.send(Some(s.clone()));
-    };
-    let writer = tokio::spawn(write_progress(
-        agent_handle(agent, m),
-        progress_rx,
-        shared.clone(),
-    ));
-    let abort = CancellationToken::new();
-    let watcher = {
-        let abort = abort.clone();
-        let cancel = cancel.clone();
-        let store = agent.migration_store.clone();
-        let uid = m.uid();
-        tokio::spawn(async move {
-            loop {
-                let now = store.state().into_iter().find(|x| x.uid() == uid);
-                if now.is_none_or(|m| abort_wanted(&m)) || cancel.is_cancelled() {
-                    abort.cancel();
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
-    let result = migrate::run_source(
-        &vm,
-        &relay,
-        &config,
-        &mut policy_hook,
-        &mut observer,
-        &abort,
-    )
-    .await;
-    watcher.abort();
-    writer.abort();
-    let elapsed_ms = u64::try_from(
-        (Timestamp::now() - started)
-            .total(k8s_openapi::jiff::Unit::Millisecond)
-            .unwrap_or(0.0) as i64,
-    )
-    .unwrap_or(0);
-    match result {
-        Ok(done) => {
-            // The guest runs on the target once it says so; wait for that
-            // before declaring the switchover, within reason.
-            let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-                loop {
-                    let target = current(agent, m)
-                        .and_then(|m| m.status.clone())
-                        .and_then(|s| s.target);
-                    match target.map(|t| t.state) {
-                        Some(AgentState::Running) => return true,
-                        Some(AgentState::Failed | AgentState::CleanedUp) => return false,
-                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            })
-            .await
-            .unwrap_or(true);
-            if !confirmed && !done.postcopy {
-                // The target agent saw its QEMU die after the stream ended:
-                // the paused source is the only copy left, resume it.
-                let _ = vm.qmp().execute(&crate::agent::qmp::Cont {}).await;
-                let message =
-                    "the target QEMU died at switchover; the guest was resumed on the source"
-                        .to_string();
-                report_half(
-                    agent,
-                    m,
-                    Role::Source,
-                    AgentState::Failed,
-                    Some("TransferFailed"),
-                    Some(message),
-                    None,
-                )
-                .await;
-                return;
-            }
-            let last = done.samples.last();
-            let progress = Progress {
-                iteration: last.map_or(0, |s| s.iteration),
-                memory_total: last.map_or(0, |s| s.total_bytes),
-                memory_transferred: last.map_or(0, |s| s.transferred_bytes),
-                memory_remaining: 0,
-                dirty_rate: last.map_or(0, |s| s.dirty_rate),
-                throughput: last.map_or(0, |s| s.throughput),
-                expected_downtime_ms: last
-                    .and_then(|s| s.expected_downtime)
-                    .map_or(0, |d| d.as_millis() as u64),
-                percent: 100,
-                eta_seconds: None,
-                converging: true,
-                convergence: Some(if done.paused_guest {
-                    "completed after pausing the guest".into()
-                } else if done.postcopy {
-                    "completed in post-copy".into()
-                } else {
-                    "completed in pre-copy".into()
-                }),
-            };
-            let extra = serde_json::json!({
-                "progress": progress,
-                "downtimeMs": done.downtime.as_millis() as u64,
-                "durationMs": elapsed_ms,
-            });
-            let message = format!(
-                "transferred {} bytes in {elapsed_ms} ms, downtime {} ms",
-                done.relay_forward_bytes,
-                done.downtime.as_millis()
-            );
-            report_half(
-                agent,
-                m,
-                Role::Source,
-                AgentState::SwitchedOver,
-                None,
-                Some(message),
-                Some(extra),
-            )
-            .await;
-        }
-        Err(MigrationError::Cancelled) => {
-            report_half(
-                agent,
-                m,
-                Role::Source,
-                AgentState::Aborted,
-                None,
-                Some("the transfer was cancelled; the guest runs here".into()),
-                None,
-            )
-            .await;
-        }
-        Err(e) => {
-            let policy_reason = shared.lock().ok().and_then(|s| s.abort_reason.clone());
-            let reason = match (&e, policy_reason.as_deref()) {
-                (MigrationError::Aborted(_), Some(r)) => r.to_string(),
-                (MigrationError::Stalled { .. }, _) => "TransferStalled".into(),
-                (MigrationError::Relay(r), _) if r.reason().contains("Refus") => {
-                    "PeerRejected".into()
-                }
-                _ => "TransferFailed".into(),
-            };
-            let message = format!(
-                "{} ({}); the guest keeps running on {}",
-                chain(&e),
-                e.reason(),
-                agent.config.host
-            );
-            report_half(
-                agent,
-                m,
-                Role::Source,
-                AgentState::Failed,
-                Some(&reason),
-                Some(message),
-                None,
-            )
-            .await;
-        }
-    }
-}
-
-/// What the progress writer needs to patch the Migration.
-struct MigrationHandle {
-    api: Api<Migration>,
-    name: String,
-}
-
-fn agent_handle(agent: &Agent, m: &Migration) -> MigrationHandle {
-    MigrationHandle {
-        api: Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default()),
-        name: m.name_any(),
-    }
-}
-
-/// Write the latest sample to `status.progress` about once a second (never
-/// more: the API is not a time-series store).
-async fn write_progress(
-    handle: MigrationHandle,
-    mut rx: tokio::sync::watch::Receiver<Option<ProgressSample>>,
-    shared: Arc<Mutex<Shared>>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if rx.changed().await.is_err() {
-            return;
-        }
-        let Some(s) = rx.borrow_and_update().clone() else {
-            continue;
-        };
-        let (assessment, last_progress) = {
-            let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
-            if shared
-                .min_remaining
-                .is_none_or(|min| s.remaining_bytes < min)
-            {
-                shared.min_remaining = Some(s.remaining_bytes);
-                shared.last_progress = Some(Timestamp::now());
-            }
-            (shared.assessment.clone(), shared.last_progress)
-        };
-        let percent = (s.remaining_bytes.min(s.total_bytes) * 100)
-            .checked_div(s.total_bytes)
-            .map_or(0, |left| 100 - left as u32);
-        let progress = Progress {
-            iteration: s.iteration,
-            memory_total: s.total_bytes,
-            memory_transferred: s.transferred_bytes,
-            memory_remaining: s.remaining_bytes,
-            dirty_rate: s.dirty_rate,
-            throughput: s.throughput,
-            expected_downtime_ms: s.expected_downtime.map_or(0, |d| d.as_millis() as u64),
-            percent: percent.min(99),
-            eta_seconds: assessment.as_ref().and_then(|a| a.eta).map(|d| d.as_secs()),
-            converging: assessment.as_ref().is_some_and(|a| a.converging),
-            convergence: assessment
-                .as_ref()
-                .map(|a| format!("{}; {}", a.explanation, a.next_step)),
-        };
-        let state = if s.status.is_postcopy() {
-            AgentState::PostCopyActive
-        } else {
-            AgentState::Transferring
-        };
-        let report = AgentReport {
-            state,
-            reason: None,
-            message: None,
-            time: None,
-            last_progress: last_progress.map(Time),
-        };
-        let patch = serde_json::json!({"status": {"progress": progress, "source": report}});
-        if let Err(e) = handle
-            .api
-            .patch_status(&handle.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            tracing::debug!(migration = %handle.name, error = %e, "progress update failed");
         }
     }
 }

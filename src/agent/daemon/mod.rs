@@ -17,6 +17,10 @@ pub mod host;
 pub mod load;
 pub mod machine;
 pub mod plan;
+mod progress;
+pub mod recovery;
+mod source_half;
+mod target_half;
 mod vmloop;
 pub mod watchdog;
 

@@ -247,6 +247,17 @@ pub enum MigrationError {
         /// What broke it.
         why: String,
     },
+    /// Post-copy could not be resumed: the guest, which ran on the target,
+    /// is paused on both hosts with its memory split between them.
+    #[error("post-copy could not be resumed after {rounds} recovery rounds in {within:?}: {why}")]
+    PostcopyRecoveryFailed {
+        /// Rounds tried.
+        rounds: u32,
+        /// Time spent.
+        within: Duration,
+        /// The last reason.
+        why: String,
+    },
 }
 
 impl MigrationError {
@@ -264,6 +275,7 @@ impl MigrationError {
             MigrationError::TargetExited(_) => "TargetExited",
             MigrationError::Timeout(_) => "Timeout",
             MigrationError::PostcopyPaused { .. } => "PostcopyPaused",
+            MigrationError::PostcopyRecoveryFailed { .. } => "PostCopyInterrupted",
             MigrationError::PostcopyUnsupported(_) => "PostcopyUnsupported",
         }
     }
@@ -273,8 +285,10 @@ pub(crate) fn qmp_err(step: &'static str) -> impl FnOnce(QmpError) -> MigrationE
     move |source| MigrationError::Qmp { step, source }
 }
 
+pub mod pause;
 mod source;
 mod target;
 
+pub use pause::GuestClock;
 pub use source::{SourceCompleted, finish_source, resume_source, run_source, source_socket};
 pub use target::{TargetHandle, prepare_target};

@@ -27,6 +27,7 @@
 //! chosen explicitly ([`ClientTransport::InsecurePlain`]) and is never a
 //! default.
 
+pub mod clock;
 pub mod meter;
 mod pump;
 pub mod source;
@@ -39,6 +40,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use clock::ClockOffset;
 pub use meter::{CounterSnapshot, RateLimiter, RelayCounters};
 pub use pump::{FORWARD_CHUNK, PumpError};
 pub use source::{SourceRelay, SourceRelayConfig};

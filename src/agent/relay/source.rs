@@ -4,7 +4,7 @@
 //! ```text
 //!  QEMU ──migrate unix:<sock>──► accept #i ──TCP connect──► TLS (server name = target host)
 //!                                             ──Hello{migration, source host, channel i}──►
-//!                                             ◄──Accept | Refuse{reason}──
+//!                                             ◄──Accept{target clock} | Refuse{reason}──
 //!                                   Accept: pump both ways until EOF / error / cancel
 //!                                   Refuse / error: close QEMU's connection → QEMU fails the migration
 //! ```
@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
@@ -22,7 +22,7 @@ use super::meter::{RateLimiter, RelayCounters};
 use super::pump::pump;
 use super::splice::pump_plain;
 use super::wire::{self, Hello, Reply};
-use super::{ChannelReport, ClientTransport, MigrationRef, RelayError};
+use super::{ChannelReport, ClientTransport, ClockOffset, MigrationRef, RelayError};
 
 /// How long connecting and the handshake to the target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +54,7 @@ pub struct SourceRelay {
     limiter: Arc<RateLimiter>,
     cancel: CancellationToken,
     reports: Arc<Mutex<Vec<ChannelReport>>>,
+    clock: Arc<Mutex<Option<ClockOffset>>>,
     accept_task: tokio::task::JoinHandle<()>,
 }
 
@@ -70,13 +71,17 @@ impl SourceRelay {
         let limiter = Arc::new(RateLimiter::new(cfg.bandwidth));
         let cancel = CancellationToken::new();
         let reports = Arc::new(Mutex::new(Vec::new()));
+        let clock = Arc::new(Mutex::new(None));
         let accept_task = tokio::spawn(accept_loop(
             listener,
             Arc::new(cfg.clone()),
-            counters.clone(),
-            limiter.clone(),
-            cancel.clone(),
-            reports.clone(),
+            Channels {
+                counters: counters.clone(),
+                limiter: limiter.clone(),
+                cancel: cancel.clone(),
+                reports: reports.clone(),
+                clock: clock.clone(),
+            },
         ));
         Ok(SourceRelay {
             socket_path: cfg.socket_path,
@@ -84,6 +89,7 @@ impl SourceRelay {
             limiter,
             cancel,
             reports,
+            clock,
             accept_task,
         })
     }
@@ -116,6 +122,13 @@ impl SourceRelay {
         self.reports().into_iter().find(|r| r.error.is_some())
     }
 
+    /// The target host's clock against this host's, from the handshake of
+    /// the channel with the shortest round trip so far (`None` before the
+    /// first channel, or from a target that sends no clock).
+    pub fn peer_clock(&self) -> Option<ClockOffset> {
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Closes every channel and stops accepting.
     pub fn cancel(&self) {
         self.cancel.cancel();
@@ -130,14 +143,18 @@ impl Drop for SourceRelay {
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
-    cfg: Arc<SourceRelayConfig>,
+/// What the channels of one migration share.
+#[derive(Clone)]
+struct Channels {
     counters: Arc<RelayCounters>,
     limiter: Arc<RateLimiter>,
     cancel: CancellationToken,
     reports: Arc<Mutex<Vec<ChannelReport>>>,
-) {
+    clock: Arc<Mutex<Option<ClockOffset>>>,
+}
+
+async fn accept_loop(listener: UnixListener, cfg: Arc<SourceRelayConfig>, shared: Channels) {
+    let cancel = shared.cancel.clone();
     let mut channel = 0u32;
     loop {
         let conn = tokio::select! {
@@ -153,22 +170,17 @@ async fn accept_loop(
         };
         let index = channel;
         channel += 1;
-        let (cfg, counters, limiter, cancel, reports) = (
-            cfg.clone(),
-            counters.clone(),
-            limiter.clone(),
-            cancel.clone(),
-            reports.clone(),
-        );
+        let (cfg, shared) = (cfg.clone(), shared.clone());
         tokio::spawn(async move {
-            let r = run_channel(conn, &cfg, index, &counters, &limiter, &cancel).await;
+            let r = run_channel(conn, &cfg, index, &shared).await;
             if let Err(e) = &r {
                 tracing::warn!(
                     migration = %cfg.migration, channel = index, reason = e.reason(), error = %e,
                     "source relay channel failed"
                 );
             }
-            reports
+            shared
+                .reports
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(ChannelReport {
@@ -183,10 +195,9 @@ async fn run_channel(
     qemu: UnixStream,
     cfg: &SourceRelayConfig,
     index: u32,
-    counters: &RelayCounters,
-    limiter: &RateLimiter,
-    cancel: &CancellationToken,
+    shared: &Channels,
 ) -> Result<(), RelayError> {
+    let (counters, limiter, cancel) = (&shared.counters, &*shared.limiter, &shared.cancel);
     let hello = Hello {
         migration: cfg.migration.clone(),
         source_host: cfg.source_host.clone(),
@@ -227,13 +238,22 @@ async fn run_channel(
             Remote::Tls(t) => t.as_mut(),
             Remote::Plain(t) => t,
         };
+        let sent = (SystemTime::now(), Instant::now());
         wire::write_hello(s, &hello).await?;
-        wire::read_reply(s).await
+        let (reply, peer_us) = wire::read_reply_clocked(s).await?;
+        let offset = peer_us.map(|us| ClockOffset::from_exchange(sent.0, sent.1.elapsed(), us));
+        Ok::<_, wire::WireError>((reply, offset))
     };
-    let reply = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+    let (reply, offset) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
         .await
         .map_err(|_| RelayError::Handshake("the target did not answer the hello".into()))?
         .map_err(|e| RelayError::Handshake(e.to_string()))?;
+    if let Some(offset) = offset {
+        let mut best = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if best.is_none_or(|b| offset.error_us <= b.error_us) {
+            *best = Some(offset);
+        }
+    }
     if let Reply::Refuse { reason, message } = reply {
         return Err(RelayError::Refused { reason, message });
     }

@@ -452,7 +452,8 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, Some(hello), r);
         }
     };
-    if let Err(e) = wire::write_reply(stream, &Reply::Accept).await {
+    let clock = super::clock::micros_since_epoch(std::time::SystemTime::now());
+    if let Err(e) = wire::write_reply_clocked(stream, &Reply::Accept, Some(clock)).await {
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
     }

@@ -8,9 +8,14 @@
 //!  │ "FRLY" │ ver u16│ kind │ body length u32 │ body (JSON) ≤ 4096 │
 //!  └────────┴────────┴──────┴─────────────────┴───────────────────┘
 //!  kind 1 Hello  (source → target): migration ref, claimed source host, channel
-//!  kind 2 Accept (target → source): {}           then raw migration bytes both ways
+//!  kind 2 Accept (target → source): {clockUs}    then raw migration bytes both ways
 //!  kind 3 Refuse (target → source): reason + message, then close
 //! ```
+//!
+//! `clockUs` is the target's wall clock when it accepted (µs since the
+//! epoch), from which the source estimates the clock offset between the
+//! hosts ([`super::clock`]). It is optional and ignored by peers that do not
+//! know it, so it needs no new protocol version.
 //!
 //! Lengths are checked before anything is allocated; a frame of another
 //! version is answered with a `Refuse` of reason `UnsupportedVersion` in the
@@ -55,6 +60,16 @@ pub enum Reply {
         /// Human-readable detail.
         message: String,
     },
+}
+
+/// The reply's body: the reply and, with an accept, the target's clock.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplyBody {
+    #[serde(flatten)]
+    reply: Reply,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clock_us: Option<i64>,
 }
 
 /// A handshake failure on the wire.
@@ -154,19 +169,39 @@ pub async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     reply: &Reply,
 ) -> Result<(), WireError> {
+    write_reply_clocked(w, reply, None).await
+}
+
+/// Sends the reply with this host's wall clock (µs since the epoch).
+pub async fn write_reply_clocked<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    reply: &Reply,
+    clock_us: Option<i64>,
+) -> Result<(), WireError> {
     let kind = match reply {
         Reply::Accept => KIND_ACCEPT,
         Reply::Refuse { .. } => KIND_REFUSE,
     };
-    write_frame(w, kind, &encode(reply)?).await
+    let body = ReplyBody {
+        reply: reply.clone(),
+        clock_us,
+    };
+    write_frame(w, kind, &encode(&body)?).await
 }
 
 /// Reads the reply.
 pub async fn read_reply<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Reply, WireError> {
+    read_reply_clocked(r).await.map(|(reply, _)| reply)
+}
+
+/// Reads the reply and the peer's wall clock, if it sent one.
+pub async fn read_reply_clocked<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<(Reply, Option<i64>), WireError> {
     match read_frame(r).await? {
-        (KIND_ACCEPT | KIND_REFUSE, body) => {
-            serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))
-        }
+        (KIND_ACCEPT | KIND_REFUSE, body) => serde_json::from_slice::<ReplyBody>(&body)
+            .map(|b| (b.reply, b.clock_us))
+            .map_err(|e| WireError::Body(e.to_string())),
         (k, _) => Err(WireError::Kind(k)),
     }
 }
@@ -204,6 +239,28 @@ mod tests {
             write_reply(&mut buf, &reply).await.unwrap();
             assert_eq!(read_reply(&mut &buf[..]).await.unwrap(), reply);
         }
+    }
+
+    #[tokio::test]
+    async fn the_accept_carries_the_clock_and_old_readers_ignore_it() {
+        let mut buf = Vec::new();
+        write_reply_clocked(&mut buf, &Reply::Accept, Some(1_700_000_000_000_001))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_reply_clocked(&mut &buf[..]).await.unwrap(),
+            (Reply::Accept, Some(1_700_000_000_000_001))
+        );
+        // A peer of the first release decodes the body as a bare `Reply`.
+        let body = &buf[HEADER_LEN..];
+        assert_eq!(
+            serde_json::from_slice::<Reply>(body).unwrap(),
+            Reply::Accept
+        );
+        // And its accept, without a clock, reads as no clock.
+        let old = serde_json::to_vec(&Reply::Accept).unwrap();
+        let b: ReplyBody = serde_json::from_slice(&old).unwrap();
+        assert_eq!((b.reply, b.clock_us), (Reply::Accept, None));
     }
 
     #[tokio::test]
