@@ -19,6 +19,7 @@
 //! and OpenAPI documents.
 
 pub mod admission;
+pub mod admission_policy;
 pub mod bootstrap;
 pub mod controllers;
 pub mod convert;
