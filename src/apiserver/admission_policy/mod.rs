@@ -102,7 +102,7 @@ impl PolicySet {
         let ns_object = if attrs.namespace.is_empty() {
             None
         } else {
-            namespace(&attrs.namespace)
+            namespace(attrs.namespace)
         };
         let ns_labels = if attrs.group.is_empty() && attrs.resource == "namespaces" {
             attrs.object.or(attrs.old_object).cloned()
@@ -218,10 +218,13 @@ impl Denial {
     }
 }
 
+/// The storage keys and resourceVersions of every policy and binding.
+type Fingerprint = Vec<(String, String)>;
+
 /// The compiled policies of one server, rebuilt when they change.
 #[derive(Default)]
 pub struct PolicyCache {
-    current: Mutex<Option<(Vec<(String, String)>, Arc<PolicySet>)>>,
+    current: Mutex<Option<(Fingerprint, Arc<PolicySet>)>>,
 }
 
 impl PolicyCache {
@@ -229,7 +232,7 @@ impl PolicyCache {
     pub fn admission(&self, store: &Store) -> Admission {
         let (policies, _) = store.list(&store::prefix(GROUP, POLICIES, ""), None);
         let (bindings, _) = store.list(&store::prefix(GROUP, BINDINGS, ""), None);
-        let fingerprint: Vec<(String, String)> = policies
+        let fingerprint: Fingerprint = policies
             .iter()
             .chain(bindings.iter())
             .map(|(k, v)| {
