@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 #
-# Ferry's images, from one multi-stage build. Written and reviewed by reading
-# (the development machine cannot run docker); build with BuildKit:
+# Ferry's images, from one multi-stage build (built and run with Podman 4.3
+# and locally made base images, see docs/install.md "Images"); with BuildKit:
 #
 #   docker build -t ghcr.io/ferry-dev/ferry:0.1.0 .                        # runtime (default)
 #   docker build --target agent -t ghcr.io/ferry-dev/ferry:0.1.0-agent .   # agent, node's QEMU

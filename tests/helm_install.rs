@@ -139,8 +139,10 @@ async fn chart_installs_with_least_privilege_upgrades_and_uninstalls() {
     let kubeconfig = s.handle.kubeconfig_path().to_path_buf();
     let dir = s.dir.path().to_path_buf();
 
-    // Install.
-    let release = helm_release("install", kubeconfig.clone(), json!({})).await;
+    // Install. The agent's own-object policy (tests/helm_admission.rs)
+    // would confine this one token to one node; here RBAC alone is tested.
+    let no_policy = json!({"agent": {"ownObjectPolicy": {"install": "never"}}});
+    let release = helm_release("install", kubeconfig.clone(), no_policy.clone()).await;
     assert_eq!(release["status"], "deployed", "{release}");
     for crd in [
         "virtualmachines",
@@ -446,7 +448,7 @@ async fn chart_installs_with_least_privilege_upgrades_and_uninstalls() {
     }
 
     // Upgrade: new values reach the cluster, the CA stays.
-    let values = json!({"controller": {"replicas": 3},
+    let values = json!({"controller": {"replicas": 3}, "agent": no_policy["agent"],
                         "defaultMigrationPolicy": {"spec": {"convergence": {"mode": "PostCopy"}}}});
     let release = helm_release("upgrade", kubeconfig.clone(), values).await;
     assert_eq!(release["revision"], 2, "{release}");

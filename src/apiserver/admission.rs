@@ -112,23 +112,26 @@ pub fn admit(
     if info.group == "apiextensions.k8s.io" && info.plural == "customresourcedefinitions" {
         check_crd(info, obj)?;
     }
+    super::admission_policy::check_definition(info, obj)?;
     if let Some(validator) = &info.validator {
         let opts = AdmitOptions {
             field_validation: fv,
         };
-        return match validator.admit(obj, old, &opts) {
-            Ok(admitted) => Ok(admitted.warnings),
+        match validator.admit(obj, old, &opts) {
+            Ok(admitted) => warnings = admitted.warnings,
             Err(e) => {
                 let name = meta_str(obj, "name").unwrap_or("").to_string();
-                Err(ApiError::from_status(e.status(
+                return Err(ApiError::from_status(e.status(
                     &info.group,
                     &info.version,
                     &info.kind,
                     &name,
-                )))
+                )));
             }
-        };
+        }
     }
+    // ValidatingAdmissionPolicies judge the object after schema validation.
+    warnings.extend(rr.policies.check(rr, info, Some(obj), old)?);
     Ok(warnings)
 }
 

@@ -134,8 +134,11 @@ pub async fn delete(state: &ApiState, rr: ResourceRequest) -> Result<Response, A
     let info = rr.info.clone();
     let key = object_key(&rr, &name);
     let info2 = info.clone();
+    let rr = std::sync::Arc::new(rr);
+    let rr2 = rr.clone();
     let out = mutate(state, key, rr.dry_run(), move |cur| {
         let old = cur.ok_or_else(|| ApiError::not_found(&subject(&info2, &name)))?;
+        rr2.policies.check(&rr2, &info2, None, Some(old))?;
         delete_decision(&info2, old, &opts)
     })
     .await?;
@@ -150,6 +153,7 @@ pub async fn delete_collection(
     state: &ApiState,
     rr: ResourceRequest,
 ) -> Result<Response, ApiError> {
+    let rr = std::sync::Arc::new(rr);
     let (labels, fields) = selectors(&rr)?;
     let opts = DeleteOptions::from_request(&rr)?;
     let prefix = rr.info.prefix(&rr.namespace);
@@ -162,8 +166,12 @@ pub async fn delete_collection(
         }
         let info = rr.info.clone();
         let opts = opts.clone();
+        let rr2 = rr.clone();
         let out = mutate(state, key, rr.dry_run(), move |cur| match cur {
-            Some(old) => delete_decision(&info, old, &opts),
+            Some(old) => {
+                rr2.policies.check(&rr2, &info, None, Some(old))?;
+                delete_decision(&info, old, &opts)
+            }
             None => Ok(Mutation::Unchanged),
         })
         .await?;

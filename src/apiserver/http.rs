@@ -44,6 +44,8 @@ pub struct ApiState {
     pub wake: Arc<Notify>,
     /// Cancelled on shutdown (ends watches).
     pub cancel: CancellationToken,
+    /// The compiled ValidatingAdmissionPolicies.
+    pub policies: Arc<super::admission_policy::PolicyCache>,
 }
 
 impl ApiState {
@@ -60,6 +62,7 @@ impl ApiState {
             tokens: Arc::new(tokens),
             wake: Arc::new(Notify::new()),
             cancel,
+            policies: Arc::default(),
         }
     }
 }
@@ -84,6 +87,8 @@ pub struct ResourceRequest {
     pub body: Bytes,
     /// Who is asking.
     pub identity: Identity,
+    /// The admission policies in force for this request.
+    pub policies: super::admission_policy::Admission,
 }
 
 impl ResourceRequest {
@@ -195,6 +200,7 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
         headers,
         body,
         identity,
+        policies: state.policies.admission(&state.store),
     };
     let verb = verb_of(&rr);
     rbac::authorize(&state, &rr, verb)?;

@@ -13,12 +13,14 @@
 //! Module map: [`server`] start/stop; [`pki`] certificates, tokens,
 //! kubeconfig; [`store`] storage and event log; [`resources`] the served
 //! resource registry; [`http`] routing; [`crud`], [`watch`], [`patching`]
-//! the verbs; [`admission`] checks before storage; [`rbac`]; [`controllers`];
+//! the verbs; [`admission`] checks before storage, with
+//! [`admission_policy`] (ValidatingAdmissionPolicy); [`rbac`]; [`controllers`];
 //! [`selector`] label and field selectors. [`schema`], [`patch`], [`table`]
 //! and [`openapi`] are pure functions for schema validation, patches, Tables
 //! and OpenAPI documents.
 
 pub mod admission;
+pub mod admission_policy;
 pub mod bootstrap;
 pub mod controllers;
 pub mod convert;

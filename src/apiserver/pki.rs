@@ -12,8 +12,15 @@
 //!                                 `--token-auth-file` format (read, never
 //!                                 written): `token,user,uid,"group1,group2"`;
 //!                                 e.g. service-account identities
-//!                                 `system:serviceaccount:<ns>:<name>`
+//!                                 `system:serviceaccount:<ns>:<name>`; plus
+//!                                 an optional fifth column of user extras,
+//!                                 `"key=value,key=value"` (see [`static_tokens`])
 //! ```
+//!
+//! Agent tokens (`agent-<host>`) carry the extra
+//! `authentication.kubernetes.io/node-name: [<host>]`, as a Kubernetes 1.32+
+//! pod-bound service-account token of a pod on that node does; admission
+//! policies read it as `request.userInfo.extra`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -51,13 +58,21 @@ pub enum PkiError {
 }
 
 /// The identity a bearer token authenticates as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity {
     /// The user name RBAC subjects of kind `User` match.
     pub user: String,
+    /// The user's UID (`userInfo.uid`), "" if none.
+    pub uid: String,
     /// The groups RBAC subjects of kind `Group` match.
     pub groups: Vec<String>,
+    /// Extra attributes (`userInfo.extra`), e.g. [`NODE_NAME_EXTRA`].
+    pub extra: BTreeMap<String, Vec<String>>,
 }
+
+/// The user extra naming the node of a pod-bound service-account token
+/// (Kubernetes 1.32+).
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 impl Identity {
     /// Whether this identity bypasses authorization (`system:masters`, as in
@@ -198,6 +213,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, agents: &[String]) -> Result<Cred
             Identity {
                 user: ADMIN_USER.into(),
                 groups: vec!["system:masters".into(), "system:authenticated".into()],
+                ..Identity::default()
             },
         ),
         (
@@ -205,6 +221,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, agents: &[String]) -> Result<Cred
             Identity {
                 user: CONTROLLER_USER.into(),
                 groups: vec!["ferry:controllers".into(), "system:authenticated".into()],
+                ..Identity::default()
             },
         ),
     ];
@@ -214,6 +231,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, agents: &[String]) -> Result<Cred
             Identity {
                 user: agent_user(host),
                 groups: vec!["ferry:agents".into(), "system:authenticated".into()],
+                extra: BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![host.clone()])]),
+                ..Identity::default()
             },
         ));
     }
@@ -248,31 +267,73 @@ pub fn prepare(dir: &Path, listen: SocketAddr, agents: &[String]) -> Result<Cred
     })
 }
 
+/// The fields of one CSV line: commas separate fields except inside double
+/// quotes; `""` inside quotes is a quote.
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                if let Some(f) = fields.last_mut() {
+                    f.push('"');
+                }
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(String::new()),
+            c => {
+                if let Some(f) = fields.last_mut() {
+                    f.push(c);
+                }
+            }
+        }
+    }
+    fields.into_iter().map(|f| f.trim().to_string()).collect()
+}
+
 /// The entries of a kube-apiserver static token file: one
-/// `token,user,uid[,"group1,group2"]` per line; blank lines, `#` comments and
-/// lines with fewer than three fields are skipped. Every identity is also in
-/// `system:authenticated`; a `system:serviceaccount:<ns>:<name>` user also gets
-/// the groups Kubernetes gives service accounts.
+/// `token,user,uid[,"group1,group2"[,"key=value,key=value"]]` per line;
+/// blank lines, `#` comments and lines with fewer than three fields are
+/// skipped. The fifth column is Ferry's: user extras (`userInfo.extra`),
+/// a key repeated for several values, e.g.
+/// `"authentication.kubernetes.io/node-name=node-a"` to stand for a
+/// pod-bound service-account token (kube-apiserver ignores columns past the
+/// fourth). Every identity is also in `system:authenticated`; a
+/// `system:serviceaccount:<ns>:<name>` user also gets the groups Kubernetes
+/// gives service accounts.
 pub fn static_tokens(text: &str) -> Vec<(String, Identity)> {
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut fields = line.splitn(4, ',');
-        let (Some(token), Some(user), Some(_uid)) = (fields.next(), fields.next(), fields.next())
-        else {
+        let fields = csv_fields(line);
+        let [token, user, uid, rest @ ..] = fields.as_slice() else {
             continue;
         };
-        let mut groups: Vec<String> = fields
-            .next()
-            .map(|g| g.trim().trim_matches('"'))
-            .into_iter()
-            .flat_map(|g| g.split(','))
-            .map(str::trim)
-            .filter(|g| !g.is_empty())
-            .map(String::from)
-            .collect();
+        let list = |i: usize| -> Vec<String> {
+            rest.get(i)
+                .map(|f| {
+                    f.split(',')
+                        .map(str::trim)
+                        .filter(|g| !g.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut groups = list(0);
+        let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for kv in list(1) {
+            if let Some((k, v)) = kv.split_once('=') {
+                extra
+                    .entry(k.trim().to_string())
+                    .or_default()
+                    .push(v.trim().to_string());
+            }
+        }
         if let Some(ns) = user
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
@@ -283,10 +344,12 @@ pub fn static_tokens(text: &str) -> Vec<(String, Identity)> {
         }
         groups.push("system:authenticated".into());
         out.push((
-            token.trim().to_string(),
+            token.clone(),
             Identity {
-                user: user.trim().to_string(),
+                user: user.clone(),
+                uid: uid.clone(),
                 groups,
+                extra,
             },
         ));
     }

@@ -108,7 +108,7 @@ struct Builtin {
     decoder: Decoder,
 }
 
-use k8s_openapi::api::{apps, coordination, core, events, rbac};
+use k8s_openapi::api::{admissionregistration, apps, coordination, core, events, rbac};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
 
 const BUILTINS: &[Builtin] = &[
@@ -291,6 +291,30 @@ const BUILTINS: &[Builtin] = &[
         categories: &["api-extensions"],
         status: true,
         decoder: decode::<apiext::CustomResourceDefinition>,
+    },
+    Builtin {
+        group: "admissionregistration.k8s.io",
+        version: "v1",
+        plural: "validatingadmissionpolicies",
+        singular: "validatingadmissionpolicy",
+        kind: "ValidatingAdmissionPolicy",
+        namespaced: false,
+        short: &[],
+        categories: &["api-extensions"],
+        status: true,
+        decoder: decode::<admissionregistration::v1::ValidatingAdmissionPolicy>,
+    },
+    Builtin {
+        group: "admissionregistration.k8s.io",
+        version: "v1",
+        plural: "validatingadmissionpolicybindings",
+        singular: "validatingadmissionpolicybinding",
+        kind: "ValidatingAdmissionPolicyBinding",
+        namespaced: false,
+        short: &[],
+        categories: &["api-extensions"],
+        status: false,
+        decoder: decode::<admissionregistration::v1::ValidatingAdmissionPolicyBinding>,
     },
 ];
 

@@ -4,7 +4,7 @@
 use std::any::TypeId;
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{apps, coordination, core, events, rbac};
+use k8s_openapi::api::{admissionregistration, apps, coordination, core, events, rbac};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status};
 use k8s_openapi::{NamespaceResourceScope, Resource};
@@ -318,5 +318,7 @@ pub fn builtin_resources() -> Vec<ApiResource> {
         resource::<rbac::v1::ClusterRole>(false),
         resource::<rbac::v1::ClusterRoleBinding>(false),
         resource::<CustomResourceDefinition>(true),
+        resource::<admissionregistration::v1::ValidatingAdmissionPolicy>(true),
+        resource::<admissionregistration::v1::ValidatingAdmissionPolicyBinding>(false),
     ]
 }
