@@ -126,10 +126,16 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Identity, ApiEr
 }
 
 async fn dispatch(State(state): State<ApiState>, req: Request<Body>) -> Response {
-    match handle(state, req).await {
+    let accept = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let resp = match handle(state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    super::protobuf::negotiate(accept.as_deref(), resp).await
 }
 
 async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiError> {
