@@ -183,7 +183,8 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
     }
     if let Some(sub) = subresource {
         let known = (sub == "status" && info.status_subresource)
-            || (sub == "finalize" && info.plural == "namespaces" && info.group.is_empty());
+            || (sub == "finalize" && info.plural == "namespaces" && info.group.is_empty())
+            || (sub == "scale" && super::scale::paths(&info).is_some());
         if !known {
             return Err(ApiError::no_route());
         }
@@ -204,6 +205,9 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
     };
     let verb = verb_of(&rr);
     rbac::authorize(&state, &rr, verb)?;
+    if rr.subresource.as_deref() == Some("scale") {
+        return super::scale::handle(&state, rr, verb).await;
+    }
     match verb {
         "watch" => watch::watch(&state, rr).await,
         "list" => crud::list(&state, &rr),
