@@ -6,54 +6,8 @@
 
 mod common;
 
-use std::path::Path;
-
+use common::kubectl::Kubectl;
 use common::*;
-
-fn kubectl_path() -> String {
-    if let Ok(k) = std::env::var("KUBECTL") {
-        return k;
-    }
-    let pyenv = "/root/.pyenv/versions/3.11.7/bin/kubectl";
-    if Path::new(pyenv).exists() {
-        pyenv.into()
-    } else {
-        "kubectl".into()
-    }
-}
-
-struct Kubectl {
-    kubeconfig: std::path::PathBuf,
-    dir: std::path::PathBuf,
-}
-
-impl Kubectl {
-    /// Run kubectl; returns (success, stdout, stderr).
-    async fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = tokio::process::Command::new(kubectl_path())
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.dir)
-            .output()
-            .await
-            .expect("kubectl runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-    async fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.run(args).await;
-        assert!(ok, "kubectl {args:?} failed: {err}\n{out}");
-        out
-    }
-    fn write(&self, name: &str, text: &str) -> String {
-        let p = self.dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-}
 
 const CRD: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
@@ -97,10 +51,7 @@ fn widget_yaml(size: i64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_get_patch_label_wait_delete() {
     let s = TestServer::start().await;
-    let k = Kubectl {
-        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
-        dir: s.dir.path().to_path_buf(),
-    };
+    let k = Kubectl::new(&s);
     let crd = k.write("crd.yaml", CRD);
     k.ok(&["apply", "-f", &crd]).await;
     k.ok(&[
@@ -220,10 +171,7 @@ async fn kubectl_apply_get_patch_label_wait_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_builtin_kinds_and_namespaces() {
     let s = TestServer::start().await;
-    let k = Kubectl {
-        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
-        dir: s.dir.path().to_path_buf(),
-    };
+    let k = Kubectl::new(&s);
     let ns = k.ok(&["get", "namespaces"]).await;
     for n in ["default", "kube-system", "kube-public"] {
         assert!(ns.contains(n), "{ns}");
@@ -267,10 +215,7 @@ async fn kubectl_builtin_kinds_and_namespaces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_create_generators_send_protobuf() {
     let s = TestServer::start().await;
-    let k = Kubectl {
-        kubeconfig: s.handle.kubeconfig_path().to_path_buf(),
-        dir: s.dir.path().to_path_buf(),
-    };
+    let k = Kubectl::new(&s);
     k.ok(&["create", "namespace", "gen"]).await;
     k.ok(&[
         "create",

@@ -173,23 +173,33 @@ pub fn wants_table(rr: &ResourceRequest) -> bool {
     false
 }
 
-fn render_table(rr: &ResourceRequest, objects: &[Value]) -> Result<Value, ApiError> {
-    let include = match rr.param("includeObject") {
-        None | Some("") => IncludeObjectPolicy::Metadata,
+/// The `includeObject` parameter of a Table request.
+pub fn include_policy(rr: &ResourceRequest) -> Result<IncludeObjectPolicy, ApiError> {
+    match rr.param("includeObject") {
+        None | Some("") => Ok(IncludeObjectPolicy::Metadata),
         Some(v) => IncludeObjectPolicy::parse(v).ok_or_else(|| {
             ApiError::bad_request(format!("includeObject: unsupported value {v:?}"))
-        })?,
-    };
+        }),
+    }
+}
+
+/// `objects` of resource `info` as a Table: the CRD version's printer
+/// columns, or the built-in printer of the kind.
+pub fn table_of(info: &ResourceInfo, include: IncludeObjectPolicy, objects: &[Value]) -> Value {
     let now = chrono::Utc::now();
-    Ok(match &rr.info.crd_version {
+    match &info.crd_version {
         Some(v) => table::render(
             v.additional_printer_columns.as_deref().unwrap_or(&[]),
             objects,
             include,
             now,
         ),
-        None => table::render_builtin(&rr.info.kind, objects, include, now),
-    })
+        None => table::render_builtin(&info.kind, objects, include, now),
+    }
+}
+
+fn render_table(rr: &ResourceRequest, objects: &[Value]) -> Result<Value, ApiError> {
+    Ok(table_of(&rr.info, include_policy(rr)?, objects))
 }
 
 /// A single-object response.

@@ -9,6 +9,7 @@
 //! - Garbage collection by owner references: dependents of vanished owners
 //!   are deleted (background); `foregroundDeletion` owners wait for their
 //!   dependents to go; `orphan` owners release them.
+//! - ClusterRole aggregation ([`super::aggregation`]).
 //!
 //! Each pass reads the current state and writes only what differs, so a pass
 //! that finds nothing to do writes nothing and the loop goes quiet.
@@ -88,6 +89,7 @@ async fn pass(
 ) -> Result<(), ApiError> {
     crds(state, installed).await?;
     namespaces(state).await?;
+    super::aggregation::aggregate_cluster_roles(state).await?;
     if gc {
         garbage_collect(state).await?;
     }

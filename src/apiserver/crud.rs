@@ -98,9 +98,21 @@ pub fn get(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError>
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct ContinueToken {
-    rv: u64,
+    /// The resourceVersion of the first page; -1 for "the latest" (the
+    /// token a 410 hands out to continue inconsistently).
+    rv: i64,
     start: String,
 }
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// kube-apiserver's message for a continue token whose snapshot is gone.
+const INCONSISTENT_CONTINUE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
 
 /// The field selectors a resource supports beyond `metadata.name` and
 /// `metadata.namespace` (those `kubectl describe` and event tooling use).
@@ -172,10 +184,29 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
         None => None,
     };
     let prefix = rr.info.prefix(&rr.namespace);
-    let (all, snapshot_rv) = state
-        .store
-        .list(&prefix, token.as_ref().map(|t| t.start.as_str()));
-    let list_rv = token.as_ref().map(|t| t.rv).unwrap_or(snapshot_rv);
+    // Later pages come from the first page's snapshot.
+    let (all, list_rv) = match &token {
+        Some(t) if t.rv >= 0 => {
+            let items = state
+                .store
+                .list_at(&prefix, &t.start, t.rv as u64)
+                .ok_or_else(|| {
+                    let fresh = ContinueToken {
+                        rv: -1,
+                        start: t.start.clone(),
+                    };
+                    let mut e = ApiError::gone(INCONSISTENT_CONTINUE);
+                    let mut status = e.status();
+                    status["metadata"] = json!({"continue": fresh.encode()});
+                    e.raw = Some(Box::new(status));
+                    e
+                })?;
+            (items, t.rv as u64)
+        }
+        _ => state
+            .store
+            .list(&prefix, token.as_ref().map(|t| t.start.as_str())),
+    };
     let mut items = Vec::new();
     let mut more = false;
     let mut remaining = 0usize;
@@ -194,12 +225,10 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if more && let Some((last, _)) = items.last() {
         let t = ContinueToken {
-            rv: list_rv,
+            rv: list_rv as i64,
             start: last.clone(),
         };
-        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(&t).unwrap_or_default());
-        metadata["continue"] = json!(encoded);
+        metadata["continue"] = json!(t.encode());
         metadata["remainingItemCount"] = json!(remaining);
     }
     let body = json!({

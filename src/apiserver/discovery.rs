@@ -142,12 +142,23 @@ fn aggregated_group(name: &str, versions: &[VersionResources]) -> Value {
                     if !r.categories.is_empty() {
                         o["categories"] = json!(r.categories);
                     }
+                    let mut subs = Vec::new();
                     if r.status_subresource {
-                        o["subresources"] = json!([{
+                        subs.push(json!({
                             "subresource": "status",
                             "responseKind": kind,
                             "verbs": ["get", "patch", "update"],
-                        }]);
+                        }));
+                    }
+                    if super::scale::paths(r).is_some() {
+                        subs.push(json!({
+                            "subresource": "scale",
+                            "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+                            "verbs": ["get", "patch", "update"],
+                        }));
+                    }
+                    if !subs.is_empty() {
+                        o["subresources"] = Value::Array(subs);
                     }
                     o
                 })
@@ -255,6 +266,17 @@ pub fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Res
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if super::scale::paths(&r).is_some() {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

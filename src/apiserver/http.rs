@@ -131,10 +131,16 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Identity, ApiEr
 }
 
 async fn dispatch(State(state): State<ApiState>, req: Request<Body>) -> Response {
-    match handle(state, req).await {
+    let accept = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let resp = match handle(state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    super::protobuf::negotiate(accept.as_deref(), resp).await
 }
 
 async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiError> {
@@ -182,7 +188,8 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
     }
     if let Some(sub) = subresource {
         let known = (sub == "status" && info.status_subresource)
-            || (sub == "finalize" && info.plural == "namespaces" && info.group.is_empty());
+            || (sub == "finalize" && info.plural == "namespaces" && info.group.is_empty())
+            || (sub == "scale" && super::scale::paths(&info).is_some());
         if !known {
             return Err(ApiError::no_route());
         }
@@ -204,6 +211,9 @@ async fn handle(state: ApiState, req: Request<Body>) -> Result<Response, ApiErro
     };
     let verb = verb_of(&rr);
     rbac::authorize(&state, &rr, verb)?;
+    if rr.subresource.as_deref() == Some("scale") {
+        return super::scale::handle(&state, rr, verb).await;
+    }
     match verb {
         "watch" => watch::watch(&state, rr).await,
         "list" => crud::list(&state, &rr),

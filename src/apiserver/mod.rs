@@ -12,15 +12,17 @@
 //!
 //! Module map: [`server`] start/stop; [`pki`] certificates, tokens,
 //! kubeconfig; [`store`] storage and event log; [`resources`] the served
-//! resource registry; [`http`] routing; [`crud`], [`watch`], [`patching`]
-//! the verbs; [`admission`] checks before storage, with
-//! [`admission_policy`] (ValidatingAdmissionPolicy); [`rbac`]; [`controllers`];
+//! resource registry; [`http`] routing; [`crud`], [`watch`], [`patching`],
+//! [`scale`] the verbs; [`admission`] checks before storage, with
+//! [`admission_policy`] (ValidatingAdmissionPolicy); [`rbac`] with
+//! [`aggregation`]; [`controllers`];
 //! [`selector`] label and field selectors. [`schema`], [`patch`], [`table`]
 //! and [`openapi`] are pure functions for schema validation, patches, Tables
 //! and OpenAPI documents.
 
 pub mod admission;
 pub mod admission_policy;
+pub mod aggregation;
 pub mod bootstrap;
 pub mod controllers;
 pub mod convert;
@@ -37,6 +39,7 @@ pub mod pki;
 pub mod protobuf;
 pub mod rbac;
 pub mod resources;
+pub mod scale;
 pub mod schema;
 pub mod selector;
 pub mod server;

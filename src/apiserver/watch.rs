@@ -14,6 +14,11 @@
 //!
 //! With a label selector, a MODIFIED event that makes an object stop (start)
 //! matching is sent as DELETED (ADDED), as kube-apiserver does.
+//!
+//! With `Accept: application/json;as=Table;g=meta.k8s.io;v=v1` (`kubectl get
+//! -w`) each event's object is a `meta.k8s.io/v1` Table of one row, with the
+//! column definitions, as kube-apiserver transforms watch events; bookmarks
+//! and errors are sent as they are.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::admission::{include_policy, table_of, wants_table};
 use super::crud::selectors;
 use super::error::ApiError;
 use super::http::{ApiState, ResourceRequest};
@@ -34,6 +40,7 @@ use super::objmeta::present;
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{Event, EventType};
+use super::table::IncludeObjectPolicy;
 
 /// How often an idle watch with `allowWatchBookmarks` gets a BOOKMARK.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
@@ -46,6 +53,8 @@ struct Filter {
     labels: LabelSelector,
     fields: FieldSelector,
     info: Arc<ResourceInfo>,
+    /// Render objects as one-row Tables.
+    table: Option<IncludeObjectPolicy>,
 }
 
 impl Filter {
@@ -54,7 +63,15 @@ impl Filter {
     }
     /// A line for an object already in the served shape.
     fn line(&self, kind: &str, obj: &Value) -> Bytes {
-        let mut s = json!({"type": kind, "object": obj}).to_string();
+        let mut s = match self.table {
+            Some(include) => {
+                let mut t = table_of(&self.info, include, std::slice::from_ref(obj));
+                t["metadata"] =
+                    json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")});
+                json!({"type": kind, "object": t}).to_string()
+            }
+            None => json!({"type": kind, "object": obj}).to_string(),
+        };
         s.push('\n');
         Bytes::from(s)
     }
@@ -112,6 +129,11 @@ pub async fn watch(state: &ApiState, rr: ResourceRequest) -> Result<Response, Ap
         labels,
         fields,
         info: rr.info.clone(),
+        table: if wants_table(&rr) {
+            Some(include_policy(&rr)?)
+        } else {
+            None
+        },
     };
     let rv_param = rr.param("resourceVersion").unwrap_or("");
     let send_initial = rr.param("sendInitialEvents") == Some("true");

@@ -6,6 +6,8 @@ use axum::http::Request;
 use ferry::apiserver::{ApiServerConfig, ApiServerHandle, start};
 use serde_json::{Value, json};
 
+pub mod kubectl;
+
 /// A running server and its data directory (removed on drop).
 pub struct TestServer {
     pub handle: ApiServerHandle,

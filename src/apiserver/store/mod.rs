@@ -290,6 +290,48 @@ impl Store {
         (items, state.rv)
     }
 
+    /// The objects under `prefix` after `start_after` as they were at
+    /// resourceVersion `rv`: a paginated list's later pages come from the
+    /// first page's snapshot, so objects written in between neither shift
+    /// nor repeat. The current objects are rolled back through the event
+    /// log; `None` when the log no longer reaches back to `rv` (compacted,
+    /// or an old state not kept across a restart).
+    pub fn list_at(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        rv: u64,
+    ) -> Option<Vec<(String, Arc<Value>)>> {
+        let state = self.read();
+        if rv > state.rv || (rv < state.compacted && rv < state.rv) {
+            return None;
+        }
+        let mut items: BTreeMap<String, Arc<Value>> = state
+            .objects
+            .range(start_after.to_string()..)
+            .skip_while(|(k, _)| k.as_str() <= start_after)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut rolled_back = std::collections::HashSet::new();
+        for ev in state.events.iter().filter(|e| e.rv > rv) {
+            let in_page = ev.key.starts_with(prefix) && ev.key.as_str() > start_after;
+            // The first change after `rv` knows the state at `rv`.
+            if !in_page || !rolled_back.insert(ev.key.as_str()) {
+                continue;
+            }
+            match ev.kind {
+                EventType::Added => {
+                    items.remove(&ev.key);
+                }
+                EventType::Modified | EventType::Deleted => {
+                    items.insert(ev.key.clone(), ev.old.clone()?);
+                }
+            }
+        }
+        Some(items.into_iter().collect())
+    }
+
     /// Subscribe to new events. Subscribe before calling [`Store::events_since`]
     /// so no event falls between the two.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
@@ -436,6 +478,51 @@ mod tests {
         assert_eq!(names, vec!["g/r/ns/a", "g/r/ns/b", "g/r/ns/c"]);
         let (items, _) = s.list(&prefix("g", "r", ""), Some("g/r/ns/a"));
         assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn list_at_rolls_back_to_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db"), 5).unwrap();
+        let p = prefix("g", "r", "ns");
+        for n in ["a", "b", "c", "d"] {
+            put(
+                &s,
+                &key("g", "r", "ns", n),
+                json!({"metadata": {"name": n}, "v": 1}),
+            );
+        }
+        let snapshot = s.current_rv();
+        put(&s, &key("g", "r", "ns", "bb"), json!({"metadata": {}}));
+        put(
+            &s,
+            &key("g", "r", "ns", "c"),
+            json!({"metadata": {}, "v": 2}),
+        );
+        s.mutate::<()>(&key("g", "r", "ns", "d"), |_| Ok(Mutation::Delete))
+            .unwrap()
+            .unwrap();
+        let page = s.list_at(&p, &key("g", "r", "ns", "a"), snapshot).unwrap();
+        let seen: Vec<_> = page
+            .iter()
+            .map(|(k, v)| (k.as_str(), v["v"].clone()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("g/r/ns/b", json!(1)),
+                ("g/r/ns/c", json!(1)),
+                ("g/r/ns/d", json!(1))
+            ]
+        );
+        for i in 0..5 {
+            put(
+                &s,
+                &key("g", "r", "ns", &format!("z{i}")),
+                json!({"metadata": {}}),
+            );
+        }
+        assert!(s.list_at(&p, "", snapshot).is_none(), "compacted");
     }
 
     #[test]
