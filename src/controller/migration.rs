@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +27,7 @@ use crate::core::migration::{
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
 
+use super::events::{self, Note};
 use super::snapshot::{self, id};
 use super::status::{phase_of, source_report, state_of, status_patch, target_report, to_core};
 use super::{ControllerError, Ctx};
@@ -38,19 +38,12 @@ pub const FINALIZER: &str = "ferry.dev/migration";
 /// Run the Migration controller until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let api = Api::<Migration>::all(ctx.client.clone());
-    let recorder = Arc::new(Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: "ferry-controller".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        },
-    ));
     // A finished migration frees a slot: look at the queue again at once.
     let freed = futures::stream::unfold(ctx.clone(), |ctx| async move {
         ctx.slot_freed.notified().await;
         Some(((), ctx))
     });
-    let context = Arc::new((ctx, recorder));
+    let context = ctx;
     Controller::new(api, watcher::Config::default())
         .reconcile_all_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
@@ -63,7 +56,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         .await;
 }
 
-type Context = (Arc<Ctx>, Arc<Recorder>);
+type Context = Ctx;
 
 fn error_policy(_m: Arc<Migration>, e: &ControllerError, _ctx: Arc<Context>) -> Requeue {
     tracing::warn!(error = %e, reason = e.reason(), "migration reconcile failed; retrying");
@@ -148,6 +141,23 @@ fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
             })
             .take(MAX_REJECTED)
             .collect(),
+    }
+}
+
+/// The Event note of a chosen target: the scheduler's summary and the
+/// hosts it refused, with why.
+fn chosen_note(host: &str, d: &ApiDecision) -> String {
+    let refused: Vec<String> = d
+        .rejected
+        .iter()
+        .filter(|r| r.reason != "ScoredLower" && r.reason != "IsSource")
+        .map(|r| format!("{} ({}: {})", r.host, r.reason, r.message))
+        .collect();
+    let summary = d.reason.clone().unwrap_or_else(|| format!("{host} chosen"));
+    if refused.is_empty() {
+        summary
+    } else {
+        format!("{summary}; refused: {}", refused.join(", "))
     }
 }
 
@@ -304,8 +314,10 @@ fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
 }
 
 async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, ControllerError> {
-    let (ctx, recorder) = (&context.0, &context.1);
+    let ctx = &*context;
     let namespace = m.namespace().unwrap_or_default();
+    let regarding = events::reference(&*m);
+    let vm_ref = events::vm_reference(&namespace, &m.spec.vm_name);
     let name = m.name_any();
     let key = id(&namespace, &name);
     let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -507,22 +519,44 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 reason,
                 message,
             } => {
-                let event = Event {
-                    type_: match kind {
-                        CoreEventType::Normal => EventType::Normal,
-                        CoreEventType::Warning => EventType::Warning,
-                    },
-                    reason: reason.to_string(),
-                    note: Some(message.chars().take(1000).collect()),
-                    action: format!("{:?}", phase_of(&decision.next)),
-                    secondary: None,
+                let note = match kind {
+                    CoreEventType::Normal => Note::normal,
+                    CoreEventType::Warning => Note::warning,
                 };
-                if let Err(e) = recorder.publish(&event, &m.object_ref(&())).await {
-                    tracing::debug!(error = %e, "publishing an event failed");
-                }
+                let action = format!("{:?}", phase_of(&decision.next));
+                ctx.events
+                    .publish(
+                        &regarding,
+                        note(reason, &action, message).about(vm_ref.clone()),
+                    )
+                    .await;
             }
             _ => {}
         }
+    }
+    if let Some(d) = &scheduling
+        && let Some(host) = &d.chosen
+    {
+        ctx.events
+            .publish(
+                &regarding,
+                Note::normal("TargetChosen", "Schedule", chosen_note(host, d))
+                    .about(vm_ref.clone()),
+            )
+            .await;
+    }
+    if decision.reason == machine::WAITING_FOR_SLOT
+        && previous_reason.as_ref().map(|(r, _)| r.as_str()) != Some(machine::WAITING_FOR_SLOT)
+    {
+        // Once when it starts waiting: the queue position changes at every
+        // look and would make a new Event each time.
+        ctx.events
+            .publish(
+                &regarding,
+                Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
+                    .about(vm_ref.clone()),
+            )
+            .await;
     }
     if decision.next.phase().is_terminal() && !state.phase().is_terminal() {
         ctx.slot_freed.notify_one();

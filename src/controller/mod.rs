@@ -11,6 +11,7 @@
 //!      ├─ placement loop: VMs without a host → core::scheduler::place → status.host
 //!      ├─ HostMaintenance controller: cordon, one Migration per VM, progress, blockers
 //!      ├─ balancing loop: core::scheduler::balance → automatic Migrations
+//!      ├─ events: every decision a user should see, as counted Events ([`events`])
 //!      └─ metrics: Migration cache → Prometheus (/metrics, /healthz, /readyz)
 //! ```
 //!
@@ -25,6 +26,7 @@
 //! take the last slot.
 
 pub mod balancing;
+pub mod events;
 pub mod health;
 mod hosts;
 pub mod leader;
@@ -183,6 +185,8 @@ pub struct Ctx {
     /// Woken when a migration leaves the limits' count (it finished), so
     /// queued migrations are looked at again at once, not at the next poll.
     pub slot_freed: tokio::sync::Notify,
+    /// Records the Events users see (`kubectl describe`, `kubectl events`).
+    pub events: events::Recorder,
 }
 
 impl Ctx {
@@ -320,6 +324,7 @@ pub async fn run_with(
         recent: Mutex::default(),
         leases_seen: std::sync::Mutex::new(health::LeaseTracker::new(Instant::now())),
         slot_freed: tokio::sync::Notify::new(),
+        events: events::Recorder::new(client.clone(), &config.identity),
     });
     for ready in [
         ctx.vms.wait_until_ready().boxed(),

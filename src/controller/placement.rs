@@ -16,6 +16,7 @@ use crate::core::time::Timestamp;
 
 use crate::bridge::conditions;
 
+use super::events::{self, Note};
 use super::snapshot::{self, id};
 use super::{ControllerError, Ctx};
 
@@ -123,6 +124,12 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
             .await
         {
             Ok(_) => {
+                let note = if chosen.is_some() {
+                    Note::normal("Scheduled", "Place", condition.message.clone())
+                } else {
+                    Note::warning("FailedScheduling", "Place", condition.message.clone())
+                };
+                ctx.events.publish(&events::reference(&*vm), note).await;
                 if let Some(host) = chosen {
                     tracing::info!(vm = %vm_id, %host, "{}", condition.message);
                     recent.placed.insert(vm_id.clone(), (host, Instant::now()));

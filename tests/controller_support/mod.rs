@@ -46,6 +46,32 @@ pub struct AgentLog {
     pub moves: Mutex<BTreeMap<String, u32>>,
     /// Migration → when its transfer began (on the agents' clock).
     started: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Hosts whose target agent fails to prepare every incoming VM
+    /// (`TargetPreparationFailed`, retryable).
+    pub broken_targets: Mutex<BTreeSet<String>>,
+    /// VMs whose transfers never converge (`NotConverging`, retryable).
+    pub unconvergeable: Mutex<BTreeSet<String>>,
+    /// Migration → the target host each attempt was prepared on.
+    pub prepared_on: Mutex<BTreeMap<String, String>>,
+}
+
+/// An Event as `kubectl describe` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeenEvent {
+    /// Kind of the object it is about.
+    pub kind: String,
+    /// Name of the object it is about.
+    pub name: String,
+    /// Normal or Warning.
+    pub type_: String,
+    /// Reason.
+    pub reason: String,
+    /// Note.
+    pub note: String,
+    /// How many times it happened (series count, else 1).
+    pub count: i32,
+    /// The related object's name.
+    pub related: Option<String>,
 }
 
 impl Cluster {
@@ -190,13 +216,78 @@ impl Cluster {
         self.controller_with(identity, None)
     }
 
+    /// Every Event recorded, oldest first.
+    pub async fn events(&self) -> Vec<SeenEvent> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::all(self.client.clone());
+        let mut list: Vec<_> = api.list(&Default::default()).await.unwrap().items;
+        list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        list.into_iter()
+            .map(|e| {
+                let regarding = e.regarding.unwrap_or_default();
+                SeenEvent {
+                    kind: regarding.kind.unwrap_or_default(),
+                    name: regarding.name.unwrap_or_default(),
+                    type_: e.type_.unwrap_or_default(),
+                    reason: e.reason.unwrap_or_default(),
+                    note: e.note.unwrap_or_default(),
+                    count: e.series.map_or(1, |s| s.count),
+                    related: e.related.and_then(|r| r.name),
+                }
+            })
+            .collect()
+    }
+
+    /// The Events about one object, oldest first.
+    pub async fn events_about(&self, kind: &str, name: &str) -> Vec<SeenEvent> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e.kind == kind && e.name == name)
+            .collect()
+    }
+
+    /// Wait until an Event about `kind/name` with `reason` whose note
+    /// contains `text` is recorded, and return it.
+    pub async fn event(&self, kind: &str, name: &str, reason: &str, text: &str) -> SeenEvent {
+        within(
+            60,
+            &format!("a {reason} event about {kind} {name} ({text})"),
+            || async {
+                self.events_about(kind, name)
+                    .await
+                    .into_iter()
+                    .find(|e| e.reason == reason && e.note.contains(text))
+            },
+        )
+        .await
+    }
+
+    /// Start a controller with this retry and quarantine policy.
+    pub fn controller_with_retry(
+        &self,
+        identity: &str,
+        retry: ferry::core::drain::RetryPolicy,
+    ) -> Controller {
+        let config = ControllerConfig {
+            drain_retry: retry,
+            ..self.config(identity)
+        };
+        self.spawn_controller(config, None)
+    }
+
     /// Start a controller serving metrics on `listener`.
     pub fn controller_with(
         &self,
         identity: &str,
         listener: Option<tokio::net::TcpListener>,
     ) -> Controller {
-        let config = ControllerConfig {
+        self.spawn_controller(self.config(identity), listener)
+    }
+
+    /// The test controllers' configuration: fast ticks, a short leader
+    /// Lease, retries after 200 ms.
+    pub fn config(&self, identity: &str) -> ControllerConfig {
+        ControllerConfig {
             tick: Duration::from_millis(200),
             identity: identity.to_string(),
             leader_lease: Duration::from_secs(3),
@@ -205,7 +296,15 @@ impl Cluster {
                 ..Default::default()
             },
             ..ControllerConfig::default()
-        };
+        }
+    }
+
+    /// Start a controller with this configuration.
+    pub fn spawn_controller(
+        &self,
+        config: ControllerConfig,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Controller {
         let stop = self.stop.child_token();
         let task = tokio::spawn(ferry::controller::run_with(
             self.client.clone(),
@@ -288,9 +387,30 @@ async fn simulate_agents(
             let status = m.status.clone().unwrap_or_default();
             let target = status.target.as_ref().map(|r| r.state);
             let source = status.source.as_ref().map(|r| r.state);
+            let target_host = status.target_host.clone().unwrap_or_default();
             let patch = match status.phase {
                 MigrationPhase::PreparingTarget if target.is_none() => {
-                    Some(json!({"status": {"target": report(AgentState::Ready)}}))
+                    log.prepared_on
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), target_host.clone());
+                    if log.broken_targets.lock().unwrap().contains(&target_host) {
+                        Some(json!({"status": {"target": {
+                            "state": "Failed", "reason": "TargetPreparationFailed",
+                            "message": format!("{target_host}: QEMU could not start the incoming VM"),
+                            "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
+                    } else {
+                        Some(json!({"status": {"target": report(AgentState::Ready)}}))
+                    }
+                }
+                MigrationPhase::Running
+                    if source == Some(AgentState::Transferring)
+                        && log.unconvergeable.lock().unwrap().contains(&m.spec.vm_name) =>
+                {
+                    Some(json!({"status": {"source": {
+                        "state": "Failed", "reason": "NotConverging",
+                        "message": "the guest dirties memory faster than the link carries it",
+                        "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
                 }
                 MigrationPhase::Running
                     if m.spec.cancel && source != Some(AgentState::SwitchedOver) =>
