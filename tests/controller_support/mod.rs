@@ -216,6 +216,31 @@ impl Cluster {
         self.controller_with(identity, None)
     }
 
+    /// Run the real kubectl against the cluster; its stdout (panics on failure).
+    pub async fn kubectl(&self, args: &[&str]) -> String {
+        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| {
+            let pyenv = "/root/.pyenv/versions/3.11.7/bin/kubectl";
+            if std::path::Path::new(pyenv).exists() {
+                pyenv.into()
+            } else {
+                "kubectl".into()
+            }
+        });
+        let out = tokio::process::Command::new(kubectl)
+            .args(args)
+            .env("KUBECONFIG", self.server.handle.kubeconfig_path())
+            .env("HOME", self.server.dir.path())
+            .output()
+            .await
+            .expect("kubectl runs");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "kubectl {args:?}: {stderr}\n{stdout}");
+        stdout
+    }
+
     /// Every Event recorded, oldest first.
     pub async fn events(&self) -> Vec<SeenEvent> {
         let api: Api<k8s_openapi::api::events::v1::Event> = Api::all(self.client.clone());

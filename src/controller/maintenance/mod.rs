@@ -34,6 +34,7 @@
 
 mod act;
 pub mod assess;
+pub mod conditions;
 mod plan;
 pub mod report;
 
@@ -298,26 +299,40 @@ async fn drain(
     let total = status
         .vms_total
         .max(u32::try_from(on_host.len()).unwrap_or(u32::MAX));
+    let blockers: Vec<Blocker> = a
+        .blocked
+        .iter()
+        .map(|b| Blocker {
+            namespace: b.namespace.clone(),
+            vm: b.vm.clone(),
+            reason: b.reason.clone(),
+            message: b.message.clone(),
+        })
+        .collect();
+    let conditions = conditions::conditions(
+        &status.conditions,
+        &conditions::Facts {
+            host,
+            phase,
+            total,
+            remaining: a.remaining,
+            blockers: &blockers,
+            deadline: hm.spec.deadline.as_ref().map(|d| d.get()),
+            late,
+        },
+        super::status::to_api(t),
+    );
     let next = HostMaintenanceStatus {
         phase,
         vms_total: total,
         vms_remaining: a.remaining,
         vms_blocked: u32::try_from(a.blocked.len()).unwrap_or(u32::MAX),
         migrations: names,
-        blockers: a
-            .blocked
-            .iter()
-            .map(|b| Blocker {
-                namespace: b.namespace.clone(),
-                vm: b.vm.clone(),
-                reason: b.reason.clone(),
-                message: b.message.clone(),
-            })
-            .collect(),
+        blockers,
         plan: None,
         message: Some(message.clone()),
         observed_generation: hm.metadata.generation,
-        conditions: status.conditions.clone(),
+        conditions,
     };
     write_status(&Api::all(ctx.client.clone()), hm, &next).await?;
     report::announce(ctx, hm, &status, &next, late).await;
