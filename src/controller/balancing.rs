@@ -4,7 +4,7 @@
 //! why it was made and what it is expected to improve.
 //!
 //! ```text
-//!  tick ──► enabled and interval elapsed? ──► snapshot::build(caches + recent targets)
+//!  tick ──► enabled and interval elapsed? ──► Ctx::snapshot(caches + recent targets + quarantines)
 //!        ──► history: automatic Migrations not Failed/Cancelled (when created)
 //!        ──► balance(snapshot, policy, history, now) ──► one Migration per move
 //! ```
@@ -29,7 +29,7 @@ use crate::core::scheduler::{Move, PastMove, balance};
 use crate::core::time::Timestamp;
 
 use super::events::{self, Note};
-use super::snapshot::{self, id};
+use super::snapshot::id;
 use super::status::to_core;
 use super::{ControllerError, Ctx};
 
@@ -142,7 +142,7 @@ pub async fn pass(ctx: &Ctx) -> Result<usize, ControllerError> {
             .iter()
             .map(|(k, (f, _))| (k.clone(), f.clone()))
             .collect();
-        let snap = snapshot::build(&ctx.hosts.state(), &ctx.vms.state(), &migrations, &extra);
+        let snap = ctx.snapshot(&extra, t);
         balance(&snap, &policy, &history(&migrations), t)
     };
     let mut created = 0;

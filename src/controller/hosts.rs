@@ -21,6 +21,7 @@ use kube::{Api, ResourceExt};
 use crate::api::vm::RunStrategy;
 use crate::api::{Host, HostPhase, Migration, MigrationSpec, MigrationType};
 use crate::core::policy::ResiliencePolicy;
+use crate::core::scheduler::HostQuarantine;
 
 use super::events::{self, Note};
 use super::health::judge;
@@ -107,7 +108,48 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
             evacuate(ctx, &name).await?;
         }
     }
+    announce_quarantines(ctx).await;
     Ok(())
+}
+
+/// One Event on each host when a quarantine of it begins (the quarantine
+/// itself is derived from the failed Migrations; see
+/// `core::drain::quarantine`).
+async fn announce_quarantines(ctx: &Ctx) {
+    let policy = &ctx.config.drain_retry;
+    let now = super::status::now();
+    let current = super::snapshot::host_quarantines(&ctx.migrations.state(), policy, now);
+    let fresh: Vec<(String, HostQuarantine)> = {
+        let mut recent = ctx.recent.lock().await;
+        recent
+            .host_quarantines
+            .retain(|h, _| current.contains_key(h));
+        let fresh: Vec<(String, HostQuarantine)> = current
+            .into_iter()
+            .filter(|(h, q)| recent.host_quarantines.get(h) != Some(&q.until))
+            .collect();
+        for (h, q) in &fresh {
+            recent.host_quarantines.insert(h.clone(), q.until);
+        }
+        fresh
+    };
+    for (host, q) in fresh {
+        tracing::warn!(%host, failures = q.failures, "host quarantined");
+        let text = format!(
+            "{} incoming migrations failed on {host} within {} s (last: {}): no migration targets it for {} s, until {}",
+            q.failures,
+            policy.host_quarantine_window.as_secs(),
+            q.last.as_str(),
+            q.until.since(now).as_secs(),
+            super::status::to_api(q.until).0
+        );
+        ctx.events
+            .publish(
+                &events::host_reference(&host),
+                Note::warning("HostQuarantined", "Schedule", text),
+            )
+            .await;
+    }
 }
 
 /// The Event of a host's phase change.

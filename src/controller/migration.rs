@@ -177,12 +177,7 @@ async fn place(
         .filter(|(k, _)| k.as_str() != key)
         .map(|(k, (f, _))| (k.clone(), f.clone()))
         .collect();
-    let snap = snapshot::build(
-        &ctx.hosts.state(),
-        &ctx.vms.state(),
-        &ctx.migrations.state(),
-        &extra,
-    );
+    let snap = ctx.snapshot(&extra, now());
     let request = PlacementRequest {
         vm: vm_id,
         target: m.spec.target_host.as_deref(),

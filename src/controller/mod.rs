@@ -70,7 +70,8 @@ pub struct ControllerConfig {
     pub leader_lease: Duration,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Retries of a drain's failed migrations, and quarantine.
+    /// Retries of a drain's failed migrations, and the quarantine of VMs
+    /// and of target hosts that keep failing.
     pub drain_retry: crate::core::drain::RetryPolicy,
 }
 
@@ -141,6 +142,8 @@ pub struct Recent {
     pub placed: BTreeMap<String, (String, Instant)>,
     /// VM id → when an evacuation was created for it.
     pub evacuations: BTreeMap<String, Instant>,
+    /// Host → the end of the quarantine last announced by an Event.
+    pub host_quarantines: BTreeMap<String, crate::core::time::Timestamp>,
 }
 
 impl Recent {
@@ -227,6 +230,21 @@ impl Ctx {
                 (None, EffectivePolicy::default(), None)
             }
         }
+    }
+
+    /// The scheduler's snapshot of the caches, with `extra` decisions the
+    /// caches may not show yet and the host quarantines in force at `now`.
+    pub fn snapshot(
+        &self,
+        extra: &BTreeMap<String, InFlight>,
+        now: crate::core::time::Timestamp,
+    ) -> crate::core::scheduler::Snapshot {
+        let migrations = self.migrations.state();
+        let mut snap = snapshot::build(&self.hosts.state(), &self.vms.state(), &migrations, extra);
+        for (host, q) in snapshot::host_quarantines(&migrations, &self.config.drain_retry, now) {
+            snap.quarantine(&host, q);
+        }
+        snap
     }
 
     /// The cluster-wide policy: what applies to a VM with no labels. Host

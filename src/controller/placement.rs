@@ -17,7 +17,7 @@ use crate::core::time::Timestamp;
 use crate::bridge::conditions;
 
 use super::events::{self, Note};
-use super::snapshot::{self, id};
+use super::snapshot::id;
 use super::{ControllerError, Ctx};
 
 /// Place every unplaced VM that should run.
@@ -63,12 +63,7 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
                     .map(|(k, (f, _))| (k.clone(), f.clone())),
             )
             .collect();
-        let snap = snapshot::build(
-            &ctx.hosts.state(),
-            &ctx.vms.state(),
-            &ctx.migrations.state(),
-            &extra,
-        );
+        let snap = ctx.snapshot(&extra, super::status::now());
         let (_, policy, _) = ctx.policy_for(Some(&vm), None);
         let pinned = vm
             .spec
