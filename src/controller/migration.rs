@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,18 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     });
     let context = ctx;
     Controller::new(api, watcher::Config::default())
+        // A VM names the Migration that holds it: its host written (the
+        // commit of a move) lets that Migration finish at once, instead of
+        // at its next poll while it still holds a slot.
+        .watches(
+            Api::<VirtualMachine>::all(context.client.clone()),
+            watcher::Config::default(),
+            |vm: VirtualMachine| {
+                let namespace = vm.namespace()?;
+                let name = vm.status?.migration?;
+                Some(ObjectRef::<Migration>::new(&name).within(&namespace))
+            },
+        )
         .reconcile_all_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
@@ -244,6 +257,29 @@ async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutco
     let mut queue = Vec::new();
     let mut active = Vec::new();
     let mut seen_self = false;
+    let memory: std::collections::HashMap<String, u64> = ctx
+        .vms
+        .state()
+        .iter()
+        .map(|v| {
+            (
+                id(&v.namespace().unwrap_or_default(), &v.name_any()),
+                v.spec.memory.bytes(),
+            )
+        })
+        .collect();
+    // A drain's Migrations queue from the drain's start, as one batch.
+    let drains: std::collections::HashMap<String, crate::core::time::Timestamp> = ctx
+        .maintenances
+        .state()
+        .iter()
+        .filter_map(|hm| {
+            Some((
+                hm.name_any(),
+                hm.metadata.creation_timestamp.as_ref().map(to_core)?,
+            ))
+        })
+        .collect();
     for other in ctx.migrations.state() {
         let namespace = other.namespace().unwrap_or_default();
         let other_key = id(&namespace, &other.name_any());
@@ -257,21 +293,37 @@ async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutco
             status.phase
         };
         let held = recent.admitted.contains_key(&other_key);
-        if phase == crate::api::MigrationPhase::Queued && !held {
+        let vm = id(&namespace, &other.spec.vm_name);
+        let batch = other.labels().get(MAINTENANCE_LABEL).cloned();
+        let created = other
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(to_core)
+            .unwrap_or_else(now);
+        let queued_at = batch
+            .as_ref()
+            .and_then(|b| drains.get(b).copied())
+            .unwrap_or(created);
+        let scheduling = matches!(
+            phase,
+            crate::api::MigrationPhase::Pending | crate::api::MigrationPhase::Scheduling
+        );
+        if (phase == crate::api::MigrationPhase::Queued && !held)
+            || (scheduling && batch.is_some() && !other.spec.cancel)
+        {
             queue.push(QueuedMigration {
                 name: other_key,
-                vm: id(&namespace, &other.spec.vm_name),
+                size: memory.get(&vm).copied().unwrap_or(0),
+                vm,
                 cluster: cluster_of(&source),
                 source,
                 target,
                 origin: origin(&other),
                 priority: 0,
-                queued_at: other
-                    .meta()
-                    .creation_timestamp
-                    .as_ref()
-                    .map(to_core)
-                    .unwrap_or_else(now),
+                queued_at,
+                batch,
+                ready: !scheduling,
             });
         } else if phase_of_in_flight(phase) || held {
             active.push(ActiveMigration {
@@ -294,7 +346,10 @@ async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutco
     } else {
         let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
             || "waiting for a slot".to_string(),
-            |w| format!("#{} in the queue: {}", w.position, w.reason),
+            // The reason only, not the position: a position in the status
+            // would rewrite every queued Migration each time one starts
+            // (O(n²) writes in a drain of n VMs).
+            |w| format!("waiting: {}", w.reason),
         );
         AdmissionOutcome::Waiting(why)
     }

@@ -53,6 +53,24 @@ pub struct AgentLog {
     pub unconvergeable: Mutex<BTreeSet<String>>,
     /// Migration → the target host each attempt was prepared on.
     pub prepared_on: Mutex<BTreeMap<String, String>>,
+    /// When set (bytes/s), a transfer takes the VM's memory over this
+    /// bandwidth instead of the fixed transfer time.
+    pub bandwidth: Mutex<Option<u64>>,
+    /// VM → memory (bytes), recorded by `add_vm`.
+    pub memory: Mutex<BTreeMap<String, u64>>,
+    /// Each completed transfer: VM, start, switchover.
+    pub spans: Mutex<Vec<(String, tokio::time::Instant, tokio::time::Instant)>>,
+}
+
+impl AgentLog {
+    /// How long the transfer of `vm` takes.
+    fn transfer_of(&self, vm: &str, fixed: Duration) -> Duration {
+        let bandwidth = *self.bandwidth.lock().unwrap();
+        match (bandwidth, self.memory.lock().unwrap().get(vm)) {
+            (Some(b), Some(m)) if b > 0 => Duration::from_secs_f64(*m as f64 / b as f64),
+            _ => fixed,
+        }
+    }
 }
 
 /// An Event as `kubectl describe` shows it.
@@ -165,6 +183,11 @@ impl Cluster {
 
     /// Create a running VM placed on `host`.
     pub async fn add_vm(&self, name: &str, host: &str, memory_mib: u32, migratable: bool) {
+        self.agents
+            .memory
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), u64::from(memory_mib) << 20);
         let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), NS);
         let vm: VirtualMachine = serde_json::from_value(json!({
             "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
@@ -461,7 +484,12 @@ async fn simulate_agents(
                                 .insert(key.clone(), tokio::time::Instant::now());
                             None
                         }
-                        Some(t) if t.elapsed() >= transfer => {
+                        Some(t) if t.elapsed() >= log.transfer_of(&m.spec.vm_name, transfer) => {
+                            log.spans.lock().unwrap().push((
+                                m.spec.vm_name.clone(),
+                                t,
+                                tokio::time::Instant::now(),
+                            ));
                             *log.moves
                                 .lock()
                                 .unwrap()

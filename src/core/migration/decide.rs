@@ -17,6 +17,9 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How often a queued migration is looked at again (a slot freeing also
 /// triggers a reconcile; this is the backstop).
 pub const QUEUE_POLL: Duration = Duration::from_secs(5);
+/// How soon a Completing migration looks again for its commit (the VM's
+/// host read back): it still holds a slot that a drain's next VM waits for.
+pub const COMMIT_POLL: Duration = Duration::from_millis(200);
 /// The reason of a Queued migration that the admission queue holds back
 /// (distinct from `Queued`, the transition into the queue, so the
 /// controller records one Event when the wait begins).
@@ -460,7 +463,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
                     "switchover at {}ms; recording {target} as the VM's host",
                     switchover.as_millis()
                 ),
-                POLL,
+                COMMIT_POLL,
             )
             .with(Action::SetVmHost {
                 host: target.clone(),
