@@ -15,22 +15,22 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::migration::{RejectedHost, SchedulingDecision as ApiDecision};
 use crate::api::{AUTOMATIC_LABEL, MAINTENANCE_LABEL, Migration, MigrationType, VirtualMachine};
-use crate::core::admission::{self, ActiveMigration, Origin, QueuedMigration};
+use crate::core::admission::Origin;
 use crate::core::migration::{
-    self as machine, Action, AdmissionOutcome, EventType as CoreEventType, HostHealth,
-    MigrationKind, Observation, PlacementOutcome, VmObservation,
+    self as machine, Action, EventType as CoreEventType, HostHealth, MigrationKind, Observation,
+    PlacementOutcome, VmObservation,
 };
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
 
 use super::events::{self, Note};
 use super::snapshot::{self, id};
-use super::status::{phase_of, source_report, state_of, status_patch, target_report, to_core};
+use super::status::{phase_of, source_report, state_of, status_patch, target_report};
 use super::{ControllerError, Ctx};
 
 /// The finalizer that lets a deleted Migration be cancelled first.
@@ -100,7 +100,7 @@ fn health(ctx: &Ctx, host: Option<&str>) -> HostHealth {
     }
 }
 
-fn origin(m: &Migration) -> Origin {
+pub(super) fn origin(m: &Migration) -> Origin {
     if m.spec.migration_type == MigrationType::Evacuate {
         Origin::Evacuation
     } else if m.labels().contains_key(AUTOMATIC_LABEL) {
@@ -243,126 +243,6 @@ async fn place(
     }
 }
 
-/// Ask the queue whether this migration may start (under the lock).
-async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutcome {
-    let mut recent = ctx.recent.lock().await;
-    recent.expire(Instant::now());
-    let cluster_of = |host: &str| {
-        ctx.hosts
-            .state()
-            .into_iter()
-            .find(|h| h.name_any() == host)
-            .map_or_else(|| "default".to_string(), |h| h.spec.cluster.clone())
-    };
-    let mut queue = Vec::new();
-    let mut active = Vec::new();
-    let mut seen_self = false;
-    let memory: std::collections::HashMap<String, u64> = ctx
-        .vms
-        .state()
-        .iter()
-        .map(|v| {
-            (
-                id(&v.namespace().unwrap_or_default(), &v.name_any()),
-                v.spec.memory.bytes(),
-            )
-        })
-        .collect();
-    // A drain's Migrations queue from the drain's start, as one batch.
-    let drains: std::collections::HashMap<String, crate::core::time::Timestamp> = ctx
-        .maintenances
-        .state()
-        .iter()
-        .filter_map(|hm| {
-            Some((
-                hm.name_any(),
-                hm.metadata.creation_timestamp.as_ref().map(to_core)?,
-            ))
-        })
-        .collect();
-    for other in ctx.migrations.state() {
-        let namespace = other.namespace().unwrap_or_default();
-        let other_key = id(&namespace, &other.name_any());
-        let status = other.status.clone().unwrap_or_default();
-        let source = status.source_host.clone().unwrap_or_default();
-        let target = status.target_host.clone().unwrap_or_default();
-        let phase = if other_key == key {
-            seen_self = true;
-            crate::api::MigrationPhase::Queued
-        } else {
-            status.phase
-        };
-        let held = recent.admitted.contains_key(&other_key);
-        let vm = id(&namespace, &other.spec.vm_name);
-        let batch = other.labels().get(MAINTENANCE_LABEL).cloned();
-        let created = other
-            .meta()
-            .creation_timestamp
-            .as_ref()
-            .map(to_core)
-            .unwrap_or_else(now);
-        let queued_at = batch
-            .as_ref()
-            .and_then(|b| drains.get(b).copied())
-            .unwrap_or(created);
-        let scheduling = matches!(
-            phase,
-            crate::api::MigrationPhase::Pending | crate::api::MigrationPhase::Scheduling
-        );
-        if (phase == crate::api::MigrationPhase::Queued && !held)
-            || (scheduling && batch.is_some() && !other.spec.cancel)
-        {
-            queue.push(QueuedMigration {
-                name: other_key,
-                size: memory.get(&vm).copied().unwrap_or(0),
-                vm,
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-                priority: 0,
-                queued_at,
-                batch,
-                ready: !scheduling,
-            });
-        } else if phase_of_in_flight(phase) || held {
-            active.push(ActiveMigration {
-                name: other_key,
-                vm: id(&namespace, &other.spec.vm_name),
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-            });
-        }
-    }
-    if !seen_self {
-        return AdmissionOutcome::Waiting("the migration is not in the cache yet".into());
-    }
-    let plan = admission::admit(&queue, &active, &policy.limits);
-    if plan.admitted.iter().any(|n| n == key) {
-        recent.admitted.insert(key.to_string(), Instant::now());
-        AdmissionOutcome::Admitted
-    } else {
-        let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
-            || "waiting for a slot".to_string(),
-            // The reason only, not the position: a position in the status
-            // would rewrite every queued Migration each time one starts
-            // (O(n²) writes in a drain of n VMs).
-            |w| format!("waiting: {}", w.reason),
-        );
-        AdmissionOutcome::Waiting(why)
-    }
-}
-
-fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
-    use crate::api::MigrationPhase as P;
-    matches!(
-        p,
-        P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing
-    )
-}
-
 async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, ControllerError> {
     let ctx = &*context;
     let namespace = m.namespace().unwrap_or_default();
@@ -433,7 +313,7 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         } else if decision.actions.contains(&Action::RequestAdmission)
             && observation.admission.is_none()
         {
-            observation.admission = Some(admit(ctx, &key, &policy).await);
+            observation.admission = Some(super::admission::admit(ctx, &key, &policy).await);
         } else {
             break;
         }

@@ -25,6 +25,7 @@
 //! [`Ctx::recent`] until the caches catch up, so two reconciles never both
 //! take the last slot.
 
+mod admission;
 pub mod balancing;
 pub mod events;
 pub mod health;
