@@ -74,6 +74,18 @@ async fn an_overloaded_host_sheds_a_vm_through_an_automatic_migration() {
         m.annotations()
     );
     assert_eq!(m.spec.target_host.as_deref(), Some("h1"));
+    // Users see the move, why it was made and what it should improve.
+    let name = kube::ResourceExt::name_any(&m);
+    let e = cluster
+        .event("Migration", &name, "BalancingMove", "h0 → h1")
+        .await;
+    assert!(
+        e.note.contains(&m.annotations()[REASON_ANNOTATION]),
+        "{e:?}"
+    );
+    cluster
+        .event("Host", "h0", "BalancingMove", "h0 → h1")
+        .await;
     let s = m.status.unwrap();
     assert_eq!(
         (s.source_host.as_deref(), s.target_host.as_deref()),

@@ -263,6 +263,19 @@ async fn non_migratable_vms_block_the_drain_or_are_stopped_for_it() {
     )
     .await;
     let stopped = wait_phase(&cluster, "stop", MaintenancePhase::Completed, 60).await;
+    let drained = stopped
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Drained")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (drained.status.as_str(), drained.reason.as_str()),
+        ("True", "HostEmpty")
+    );
     assert_eq!(stopped.status.unwrap().vms_total, 2);
     let blocked = within(60, "the blocked drain shows its blocker", || async {
         let hm = phase_of(&cluster, "block").await?;
@@ -273,6 +286,43 @@ async fn non_migratable_vms_block_the_drain_or_are_stopped_for_it() {
     assert_eq!(blocked.phase, MaintenancePhase::Draining);
     assert_eq!(blocked.blockers[0].vm, "pinned");
     assert_eq!(blocked.blockers[0].reason, "NotMigratable");
+    // Conditions: still draining, not drained, blocked by the pinned VM,
+    // as `kubectl describe` shows them, with the Event that said so.
+    let cond = |t: &str| {
+        blocked
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t}: {:?}", blocked.conditions))
+    };
+    assert_eq!(cond("Draining").status, "True");
+    assert_eq!(cond("Drained").status, "False");
+    assert_eq!(cond("Failed").status, "False");
+    let b = cond("Blocked");
+    assert_eq!(
+        (b.status.as_str(), b.reason.as_str()),
+        ("True", "NotMigratable")
+    );
+    assert!(
+        b.message.contains("default/pinned (NotMigratable"),
+        "{}",
+        b.message
+    );
+    cluster
+        .event("HostMaintenance", "block", "Blocked", "default/pinned")
+        .await;
+    let describe = cluster
+        .kubectl(&["describe", "hostmaintenance", "block"])
+        .await;
+    for text in ["Blocked", "NotMigratable", "default/pinned", "Draining"] {
+        assert!(describe.contains(text), "{text}:\n{describe}");
+    }
+    let wide = cluster.kubectl(&["get", "hm", "block", "-o", "wide"]).await;
+    assert!(
+        wide.contains("MESSAGE") && wide.contains("1 blocked"),
+        "{wide}"
+    );
     let placement = cluster.placement().await;
     assert_eq!(placement["free"].as_deref(), Some("h2"));
     assert_eq!(placement["free1"].as_deref(), Some("h2"));
@@ -317,5 +367,21 @@ async fn a_drain_past_its_deadline_fails_and_says_why() {
     let s = hm.status.unwrap();
     assert_eq!(s.vms_remaining, 1);
     assert!(s.message.unwrap().contains("deadline passed"));
+    let cond = |t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap();
+    assert_eq!(cond("DeadlineExceeded").status, "True");
+    let failed = cond("Failed");
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("True", "DeadlineExceeded")
+    );
+    assert_eq!(cond("Draining").status, "False");
+    cluster
+        .event(
+            "HostMaintenance",
+            "hurry",
+            "DeadlineExceeded",
+            "deadline passed",
+        )
+        .await;
     ctl.shutdown().await;
 }

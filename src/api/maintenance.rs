@@ -61,6 +61,13 @@ use super::values::Duration;
         priority = 1
     ),
     printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        description = "Where the drain is, or why it stopped",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -167,7 +174,11 @@ pub struct HostMaintenanceStatus {
     /// The generation of the spec last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard conditions.
+    /// Standard conditions of a real drain: `Draining` (True while VMs are
+    /// moved off), `Drained` (True once the host is empty), `Blocked` (True
+    /// while some VMs cannot leave; the message names each with why),
+    /// `Failed` (True when the drain gave up: `DeadlineExceeded` or
+    /// `VmsCannotLeave`), and with `spec.deadline`, `DeadlineExceeded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

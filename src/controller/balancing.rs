@@ -4,7 +4,7 @@
 //! why it was made and what it is expected to improve.
 //!
 //! ```text
-//!  tick ──► enabled and interval elapsed? ──► snapshot::build(caches + recent targets)
+//!  tick ──► enabled and interval elapsed? ──► Ctx::snapshot(caches + recent targets + quarantines)
 //!        ──► history: automatic Migrations not Failed/Cancelled (when created)
 //!        ──► balance(snapshot, policy, history, now) ──► one Migration per move
 //! ```
@@ -28,7 +28,8 @@ use crate::api::{AUTOMATIC_LABEL, Migration, MigrationPhase, MigrationSpec, Migr
 use crate::core::scheduler::{Move, PastMove, balance};
 use crate::core::time::Timestamp;
 
-use super::snapshot::{self, id};
+use super::events::{self, Note};
+use super::snapshot::id;
 use super::status::to_core;
 use super::{ControllerError, Ctx};
 
@@ -141,7 +142,7 @@ pub async fn pass(ctx: &Ctx) -> Result<usize, ControllerError> {
             .iter()
             .map(|(k, (f, _))| (k.clone(), f.clone()))
             .collect();
-        let snap = snapshot::build(&ctx.hosts.state(), &ctx.vms.state(), &migrations, &extra);
+        let snap = ctx.snapshot(&extra, t);
         balance(&snap, &policy, &history(&migrations), t)
     };
     let mut created = 0;
@@ -152,9 +153,28 @@ pub async fn pass(ctx: &Ctx) -> Result<usize, ControllerError> {
         let api: Api<Migration> =
             Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
         match api.create(&PostParams::default(), &m).await {
-            Ok(_) => {
+            Ok(made) => {
                 created += 1;
                 tracing::info!(vm = %mv.vm, source = %mv.source, target = %mv.target, "{}", mv.explanation);
+                let text = format!(
+                    "{} {} → {}: {}; {}: {:.1} → {:.1}",
+                    mv.vm, mv.source, mv.target, mv.explanation, mv.metric, mv.before, mv.after
+                );
+                let (namespace, vm) = mv.vm.split_once('/').unwrap_or(("", &mv.vm));
+                ctx.events
+                    .publish(
+                        &events::reference(&made),
+                        Note::normal("BalancingMove", "Balance", text.clone())
+                            .about(events::vm_reference(namespace, vm)),
+                    )
+                    .await;
+                ctx.events
+                    .publish(
+                        &events::host_reference(&mv.source),
+                        Note::normal("BalancingMove", "Balance", text)
+                            .about(events::reference(&made)),
+                    )
+                    .await;
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(ControllerError::api("creating a balancing migration")(e)),

@@ -21,7 +21,9 @@ use kube::{Api, ResourceExt};
 use crate::api::vm::RunStrategy;
 use crate::api::{Host, HostPhase, Migration, MigrationSpec, MigrationType};
 use crate::core::policy::ResiliencePolicy;
+use crate::core::scheduler::HostQuarantine;
 
+use super::events::{self, Note};
 use super::health::judge;
 use super::snapshot::host_phase;
 use super::{ControllerError, Ctx};
@@ -95,12 +97,80 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(ControllerError::api("writing the host phase"))?;
+            ctx.events
+                .publish(
+                    &events::reference(&*host),
+                    phase_note(status.phase, phase, silence.as_secs()),
+                )
+                .await;
         }
         if phase == HostPhase::Fenced {
             evacuate(ctx, &name).await?;
         }
     }
+    announce_quarantines(ctx).await;
     Ok(())
+}
+
+/// One Event on each host when a quarantine of it begins (the quarantine
+/// itself is derived from the failed Migrations; see
+/// `core::drain::quarantine`).
+async fn announce_quarantines(ctx: &Ctx) {
+    let policy = &ctx.config.drain_retry;
+    let now = super::status::now();
+    let current = super::snapshot::host_quarantines(&ctx.migrations.state(), policy, now);
+    let fresh: Vec<(String, HostQuarantine)> = {
+        let mut recent = ctx.recent.lock().await;
+        recent
+            .host_quarantines
+            .retain(|h, _| current.contains_key(h));
+        let fresh: Vec<(String, HostQuarantine)> = current
+            .into_iter()
+            .filter(|(h, q)| recent.host_quarantines.get(h) != Some(&q.until))
+            .collect();
+        for (h, q) in &fresh {
+            recent.host_quarantines.insert(h.clone(), q.until);
+        }
+        fresh
+    };
+    for (host, q) in fresh {
+        tracing::warn!(%host, failures = q.failures, "host quarantined");
+        let text = format!(
+            "{} incoming migrations failed on {host} within {} s (last: {}): no migration targets it for {} s, until {}",
+            q.failures,
+            policy.host_quarantine_window.as_secs(),
+            q.last.as_str(),
+            q.until.since(now).as_secs(),
+            super::status::to_api(q.until).0
+        );
+        ctx.events
+            .publish(
+                &events::host_reference(&host),
+                Note::warning("HostQuarantined", "Schedule", text),
+            )
+            .await;
+    }
+}
+
+/// The Event of a host's phase change.
+fn phase_note(from: HostPhase, to: HostPhase, silence_s: u64) -> Note {
+    let text = format!("{from:?} → {to:?}: no Lease renewal for {silence_s} s");
+    match to {
+        HostPhase::Unreachable => Note::warning("HostUnreachable", "Monitor", text),
+        HostPhase::Fenced => Note::warning(
+            "HostFenced",
+            "Fence",
+            format!(
+                "{text}; its VMs are stopped (agent or watchdog) and are rebuilt elsewhere per the resilience policy"
+            ),
+        ),
+        HostPhase::Failed => Note::warning("HostFailed", "Monitor", text),
+        HostPhase::Active | HostPhase::Maintenance => Note::normal(
+            "HostRecovered",
+            "Monitor",
+            format!("{from:?} → {to:?}: the agent renews its Lease again"),
+        ),
+    }
 }
 
 /// Create an Evacuate migration for every VM of a fenced host that its
@@ -170,10 +240,30 @@ async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
             status: None,
         };
         let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
-        api.create(&PostParams::default(), &m)
+        let created = api
+            .create(&PostParams::default(), &m)
             .await
             .map_err(ControllerError::api("creating an evacuation"))?;
         tracing::warn!(vm = %vm.name_any(), %host, "evacuation created");
+        let text = format!(
+            "{namespace}/{} is rebuilt elsewhere by Migration {} ({:?})",
+            vm.name_any(),
+            created.name_any(),
+            policy.resilience.policy
+        );
+        ctx.events
+            .publish(
+                &events::host_reference(host),
+                Note::warning("Evacuating", "Evacuate", text.clone())
+                    .about(events::reference(&created)),
+            )
+            .await;
+        ctx.events
+            .publish(
+                &events::reference(&*vm),
+                Note::warning("Evacuating", "Evacuate", text).about(events::reference(&created)),
+            )
+            .await;
     }
     Ok(())
 }

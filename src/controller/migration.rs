@@ -13,23 +13,24 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::migration::{RejectedHost, SchedulingDecision as ApiDecision};
 use crate::api::{AUTOMATIC_LABEL, MAINTENANCE_LABEL, Migration, MigrationType, VirtualMachine};
-use crate::core::admission::{self, ActiveMigration, Origin, QueuedMigration};
+use crate::core::admission::Origin;
 use crate::core::migration::{
-    self as machine, Action, AdmissionOutcome, EventType as CoreEventType, HostHealth,
-    MigrationKind, Observation, PlacementOutcome, VmObservation,
+    self as machine, Action, EventType as CoreEventType, HostHealth, MigrationKind, Observation,
+    PlacementOutcome, VmObservation,
 };
 use crate::core::policy::EffectivePolicy;
 use crate::core::scheduler::{self, InFlight, PlacementRequest, Verdict};
 
+use super::events::{self, Note};
 use super::snapshot::{self, id};
-use super::status::{phase_of, source_report, state_of, status_patch, target_report, to_core};
+use super::status::{phase_of, source_report, state_of, status_patch, target_report};
 use super::{ControllerError, Ctx};
 
 /// The finalizer that lets a deleted Migration be cancelled first.
@@ -38,20 +39,25 @@ pub const FINALIZER: &str = "ferry.dev/migration";
 /// Run the Migration controller until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let api = Api::<Migration>::all(ctx.client.clone());
-    let recorder = Arc::new(Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: "ferry-controller".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        },
-    ));
     // A finished migration frees a slot: look at the queue again at once.
     let freed = futures::stream::unfold(ctx.clone(), |ctx| async move {
         ctx.slot_freed.notified().await;
         Some(((), ctx))
     });
-    let context = Arc::new((ctx, recorder));
+    let context = ctx;
     Controller::new(api, watcher::Config::default())
+        // A VM names the Migration that holds it: its host written (the
+        // commit of a move) lets that Migration finish at once, instead of
+        // at its next poll while it still holds a slot.
+        .watches(
+            Api::<VirtualMachine>::all(context.client.clone()),
+            watcher::Config::default(),
+            |vm: VirtualMachine| {
+                let namespace = vm.namespace()?;
+                let name = vm.status?.migration?;
+                Some(ObjectRef::<Migration>::new(&name).within(&namespace))
+            },
+        )
         .reconcile_all_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
@@ -63,7 +69,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         .await;
 }
 
-type Context = (Arc<Ctx>, Arc<Recorder>);
+type Context = Ctx;
 
 fn error_policy(_m: Arc<Migration>, e: &ControllerError, _ctx: Arc<Context>) -> Requeue {
     tracing::warn!(error = %e, reason = e.reason(), "migration reconcile failed; retrying");
@@ -94,7 +100,7 @@ fn health(ctx: &Ctx, host: Option<&str>) -> HostHealth {
     }
 }
 
-fn origin(m: &Migration) -> Origin {
+pub(super) fn origin(m: &Migration) -> Origin {
     if m.spec.migration_type == MigrationType::Evacuate {
         Origin::Evacuation
     } else if m.labels().contains_key(AUTOMATIC_LABEL) {
@@ -151,6 +157,23 @@ fn api_decision(d: &scheduler::SchedulingDecision) -> ApiDecision {
     }
 }
 
+/// The Event note of a chosen target: the scheduler's summary and the
+/// hosts it refused, with why.
+fn chosen_note(host: &str, d: &ApiDecision) -> String {
+    let refused: Vec<String> = d
+        .rejected
+        .iter()
+        .filter(|r| r.reason != "ScoredLower" && r.reason != "IsSource")
+        .map(|r| format!("{} ({}: {})", r.host, r.reason, r.message))
+        .collect();
+    let summary = d.reason.clone().unwrap_or_else(|| format!("{host} chosen"));
+    if refused.is_empty() {
+        summary
+    } else {
+        format!("{summary}; refused: {}", refused.join(", "))
+    }
+}
+
 /// Run the scheduler for this migration (under the scheduling lock).
 async fn place(
     ctx: &Ctx,
@@ -167,12 +190,7 @@ async fn place(
         .filter(|(k, _)| k.as_str() != key)
         .map(|(k, (f, _))| (k.clone(), f.clone()))
         .collect();
-    let snap = snapshot::build(
-        &ctx.hosts.state(),
-        &ctx.vms.state(),
-        &ctx.migrations.state(),
-        &extra,
-    );
+    let snap = ctx.snapshot(&extra, now());
     let request = PlacementRequest {
         vm: vm_id,
         target: m.spec.target_host.as_deref(),
@@ -225,87 +243,11 @@ async fn place(
     }
 }
 
-/// Ask the queue whether this migration may start (under the lock).
-async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutcome {
-    let mut recent = ctx.recent.lock().await;
-    recent.expire(Instant::now());
-    let cluster_of = |host: &str| {
-        ctx.hosts
-            .state()
-            .into_iter()
-            .find(|h| h.name_any() == host)
-            .map_or_else(|| "default".to_string(), |h| h.spec.cluster.clone())
-    };
-    let mut queue = Vec::new();
-    let mut active = Vec::new();
-    let mut seen_self = false;
-    for other in ctx.migrations.state() {
-        let namespace = other.namespace().unwrap_or_default();
-        let other_key = id(&namespace, &other.name_any());
-        let status = other.status.clone().unwrap_or_default();
-        let source = status.source_host.clone().unwrap_or_default();
-        let target = status.target_host.clone().unwrap_or_default();
-        let phase = if other_key == key {
-            seen_self = true;
-            crate::api::MigrationPhase::Queued
-        } else {
-            status.phase
-        };
-        let held = recent.admitted.contains_key(&other_key);
-        if phase == crate::api::MigrationPhase::Queued && !held {
-            queue.push(QueuedMigration {
-                name: other_key,
-                vm: id(&namespace, &other.spec.vm_name),
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-                priority: 0,
-                queued_at: other
-                    .meta()
-                    .creation_timestamp
-                    .as_ref()
-                    .map(to_core)
-                    .unwrap_or_else(now),
-            });
-        } else if phase_of_in_flight(phase) || held {
-            active.push(ActiveMigration {
-                name: other_key,
-                vm: id(&namespace, &other.spec.vm_name),
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-            });
-        }
-    }
-    if !seen_self {
-        return AdmissionOutcome::Waiting("the migration is not in the cache yet".into());
-    }
-    let plan = admission::admit(&queue, &active, &policy.limits);
-    if plan.admitted.iter().any(|n| n == key) {
-        recent.admitted.insert(key.to_string(), Instant::now());
-        AdmissionOutcome::Admitted
-    } else {
-        let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
-            || "waiting for a slot".to_string(),
-            |w| format!("#{} in the queue: {}", w.position, w.reason),
-        );
-        AdmissionOutcome::Waiting(why)
-    }
-}
-
-fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
-    use crate::api::MigrationPhase as P;
-    matches!(
-        p,
-        P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing
-    )
-}
-
 async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, ControllerError> {
-    let (ctx, recorder) = (&context.0, &context.1);
+    let ctx = &*context;
     let namespace = m.namespace().unwrap_or_default();
+    let regarding = events::reference(&*m);
+    let vm_ref = events::vm_reference(&namespace, &m.spec.vm_name);
     let name = m.name_any();
     let key = id(&namespace, &name);
     let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -371,7 +313,7 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         } else if decision.actions.contains(&Action::RequestAdmission)
             && observation.admission.is_none()
         {
-            observation.admission = Some(admit(ctx, &key, &policy).await);
+            observation.admission = Some(super::admission::admit(ctx, &key, &policy).await);
         } else {
             break;
         }
@@ -507,22 +449,44 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 reason,
                 message,
             } => {
-                let event = Event {
-                    type_: match kind {
-                        CoreEventType::Normal => EventType::Normal,
-                        CoreEventType::Warning => EventType::Warning,
-                    },
-                    reason: reason.to_string(),
-                    note: Some(message.chars().take(1000).collect()),
-                    action: format!("{:?}", phase_of(&decision.next)),
-                    secondary: None,
+                let note = match kind {
+                    CoreEventType::Normal => Note::normal,
+                    CoreEventType::Warning => Note::warning,
                 };
-                if let Err(e) = recorder.publish(&event, &m.object_ref(&())).await {
-                    tracing::debug!(error = %e, "publishing an event failed");
-                }
+                let action = format!("{:?}", phase_of(&decision.next));
+                ctx.events
+                    .publish(
+                        &regarding,
+                        note(reason, &action, message).about(vm_ref.clone()),
+                    )
+                    .await;
             }
             _ => {}
         }
+    }
+    if let Some(d) = &scheduling
+        && let Some(host) = &d.chosen
+    {
+        ctx.events
+            .publish(
+                &regarding,
+                Note::normal("TargetChosen", "Schedule", chosen_note(host, d))
+                    .about(vm_ref.clone()),
+            )
+            .await;
+    }
+    if decision.reason == machine::WAITING_FOR_SLOT
+        && previous_reason.as_ref().map(|(r, _)| r.as_str()) != Some(machine::WAITING_FOR_SLOT)
+    {
+        // Once when it starts waiting: the queue position changes at every
+        // look and would make a new Event each time.
+        ctx.events
+            .publish(
+                &regarding,
+                Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
+                    .about(vm_ref.clone()),
+            )
+            .await;
     }
     if decision.next.phase().is_terminal() && !state.phase().is_terminal() {
         ctx.slot_freed.notify_one();

@@ -11,6 +11,7 @@
 //!      ├─ placement loop: VMs without a host → core::scheduler::place → status.host
 //!      ├─ HostMaintenance controller: cordon, one Migration per VM, progress, blockers
 //!      ├─ balancing loop: core::scheduler::balance → automatic Migrations
+//!      ├─ events: every decision a user should see, as counted Events ([`events`])
 //!      └─ metrics: Migration cache → Prometheus (/metrics, /healthz, /readyz)
 //! ```
 //!
@@ -24,7 +25,9 @@
 //! [`Ctx::recent`] until the caches catch up, so two reconciles never both
 //! take the last slot.
 
+mod admission;
 pub mod balancing;
+pub mod events;
 pub mod health;
 mod hosts;
 pub mod leader;
@@ -68,7 +71,8 @@ pub struct ControllerConfig {
     pub leader_lease: Duration,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Retries of a drain's failed migrations, and quarantine.
+    /// Retries of a drain's failed migrations, and the quarantine of VMs
+    /// and of target hosts that keep failing.
     pub drain_retry: crate::core::drain::RetryPolicy,
 }
 
@@ -139,6 +143,8 @@ pub struct Recent {
     pub placed: BTreeMap<String, (String, Instant)>,
     /// VM id → when an evacuation was created for it.
     pub evacuations: BTreeMap<String, Instant>,
+    /// Host → the end of the quarantine last announced by an Event.
+    pub host_quarantines: BTreeMap<String, crate::core::time::Timestamp>,
 }
 
 impl Recent {
@@ -183,6 +189,8 @@ pub struct Ctx {
     /// Woken when a migration leaves the limits' count (it finished), so
     /// queued migrations are looked at again at once, not at the next poll.
     pub slot_freed: tokio::sync::Notify,
+    /// Records the Events users see (`kubectl describe`, `kubectl events`).
+    pub events: events::Recorder,
 }
 
 impl Ctx {
@@ -223,6 +231,21 @@ impl Ctx {
                 (None, EffectivePolicy::default(), None)
             }
         }
+    }
+
+    /// The scheduler's snapshot of the caches, with `extra` decisions the
+    /// caches may not show yet and the host quarantines in force at `now`.
+    pub fn snapshot(
+        &self,
+        extra: &BTreeMap<String, InFlight>,
+        now: crate::core::time::Timestamp,
+    ) -> crate::core::scheduler::Snapshot {
+        let migrations = self.migrations.state();
+        let mut snap = snapshot::build(&self.hosts.state(), &self.vms.state(), &migrations, extra);
+        for (host, q) in snapshot::host_quarantines(&migrations, &self.config.drain_retry, now) {
+            snap.quarantine(&host, q);
+        }
+        snap
     }
 
     /// The cluster-wide policy: what applies to a VM with no labels. Host
@@ -320,6 +343,7 @@ pub async fn run_with(
         recent: Mutex::default(),
         leases_seen: std::sync::Mutex::new(health::LeaseTracker::new(Instant::now())),
         slot_freed: tokio::sync::Notify::new(),
+        events: events::Recorder::new(client.clone(), &config.identity),
     });
     for ready in [
         ctx.vms.wait_until_ready().boxed(),

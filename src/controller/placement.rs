@@ -16,7 +16,8 @@ use crate::core::time::Timestamp;
 
 use crate::bridge::conditions;
 
-use super::snapshot::{self, id};
+use super::events::{self, Note};
+use super::snapshot::id;
 use super::{ControllerError, Ctx};
 
 /// Place every unplaced VM that should run.
@@ -62,12 +63,7 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
                     .map(|(k, (f, _))| (k.clone(), f.clone())),
             )
             .collect();
-        let snap = snapshot::build(
-            &ctx.hosts.state(),
-            &ctx.vms.state(),
-            &ctx.migrations.state(),
-            &extra,
-        );
+        let snap = ctx.snapshot(&extra, super::status::now());
         let (_, policy, _) = ctx.policy_for(Some(&vm), None);
         let pinned = vm
             .spec
@@ -123,6 +119,12 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
             .await
         {
             Ok(_) => {
+                let note = if chosen.is_some() {
+                    Note::normal("Scheduled", "Place", condition.message.clone())
+                } else {
+                    Note::warning("FailedScheduling", "Place", condition.message.clone())
+                };
+                ctx.events.publish(&events::reference(&*vm), note).await;
                 if let Some(host) = chosen {
                     tracing::info!(vm = %vm_id, %host, "{}", condition.message);
                     recent.placed.insert(vm_id.clone(), (host, Instant::now()));

@@ -12,6 +12,10 @@ use crate::core::scheduler::{
 };
 
 use super::status::to_core;
+use crate::core::drain::{RetryPolicy, TargetFailure, quarantined_hosts};
+use crate::core::migration::FailureReason;
+use crate::core::scheduler::HostQuarantine;
+use crate::core::time::Timestamp;
 
 /// The label that marks a cluster's control host (oVirt's SPM), which
 /// carries `spmVmGrace` fewer VMs.
@@ -169,4 +173,38 @@ pub fn build(
         in_flight.entry(key.clone()).or_insert_with(|| f.clone());
     }
     Snapshot::new(hosts, vms, in_flight.into_values().collect())
+}
+
+/// Every failed migration with a target host, for the host quarantine.
+pub fn target_failures(migrations: &[std::sync::Arc<Migration>]) -> Vec<TargetFailure> {
+    migrations
+        .iter()
+        .filter_map(|m| {
+            let status = m.status.as_ref()?;
+            if status.phase != MigrationPhase::Failed {
+                return None;
+            }
+            Some(TargetFailure {
+                host: status.target_host.clone()?,
+                at: status
+                    .timestamps
+                    .as_ref()
+                    .and_then(|t| t.completed.as_ref())
+                    .map(to_core)?,
+                reason: status
+                    .failure_reason
+                    .as_deref()
+                    .and_then(|r| r.parse::<FailureReason>().ok())?,
+            })
+        })
+        .collect()
+}
+
+/// The host quarantines in force at `now`.
+pub fn host_quarantines(
+    migrations: &[std::sync::Arc<Migration>],
+    policy: &RetryPolicy,
+    now: Timestamp,
+) -> BTreeMap<String, HostQuarantine> {
+    quarantined_hosts(&target_failures(migrations), policy, now)
 }

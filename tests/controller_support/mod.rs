@@ -46,6 +46,50 @@ pub struct AgentLog {
     pub moves: Mutex<BTreeMap<String, u32>>,
     /// Migration → when its transfer began (on the agents' clock).
     started: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Hosts whose target agent fails to prepare every incoming VM
+    /// (`TargetPreparationFailed`, retryable).
+    pub broken_targets: Mutex<BTreeSet<String>>,
+    /// VMs whose transfers never converge (`NotConverging`, retryable).
+    pub unconvergeable: Mutex<BTreeSet<String>>,
+    /// Migration → the target host each attempt was prepared on.
+    pub prepared_on: Mutex<BTreeMap<String, String>>,
+    /// When set (bytes/s), a transfer takes the VM's memory over this
+    /// bandwidth instead of the fixed transfer time.
+    pub bandwidth: Mutex<Option<u64>>,
+    /// VM → memory (bytes), recorded by `add_vm`.
+    pub memory: Mutex<BTreeMap<String, u64>>,
+    /// Each completed transfer: VM, start, switchover.
+    pub spans: Mutex<Vec<(String, tokio::time::Instant, tokio::time::Instant)>>,
+}
+
+impl AgentLog {
+    /// How long the transfer of `vm` takes.
+    fn transfer_of(&self, vm: &str, fixed: Duration) -> Duration {
+        let bandwidth = *self.bandwidth.lock().unwrap();
+        match (bandwidth, self.memory.lock().unwrap().get(vm)) {
+            (Some(b), Some(m)) if b > 0 => Duration::from_secs_f64(*m as f64 / b as f64),
+            _ => fixed,
+        }
+    }
+}
+
+/// An Event as `kubectl describe` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeenEvent {
+    /// Kind of the object it is about.
+    pub kind: String,
+    /// Name of the object it is about.
+    pub name: String,
+    /// Normal or Warning.
+    pub type_: String,
+    /// Reason.
+    pub reason: String,
+    /// Note.
+    pub note: String,
+    /// How many times it happened (series count, else 1).
+    pub count: i32,
+    /// The related object's name.
+    pub related: Option<String>,
 }
 
 impl Cluster {
@@ -139,6 +183,11 @@ impl Cluster {
 
     /// Create a running VM placed on `host`.
     pub async fn add_vm(&self, name: &str, host: &str, memory_mib: u32, migratable: bool) {
+        self.agents
+            .memory
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), u64::from(memory_mib) << 20);
         let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), NS);
         let vm: VirtualMachine = serde_json::from_value(json!({
             "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
@@ -190,13 +239,103 @@ impl Cluster {
         self.controller_with(identity, None)
     }
 
+    /// Run the real kubectl against the cluster; its stdout (panics on failure).
+    pub async fn kubectl(&self, args: &[&str]) -> String {
+        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| {
+            let pyenv = "/root/.pyenv/versions/3.11.7/bin/kubectl";
+            if std::path::Path::new(pyenv).exists() {
+                pyenv.into()
+            } else {
+                "kubectl".into()
+            }
+        });
+        let out = tokio::process::Command::new(kubectl)
+            .args(args)
+            .env("KUBECONFIG", self.server.handle.kubeconfig_path())
+            .env("HOME", self.server.dir.path())
+            .output()
+            .await
+            .expect("kubectl runs");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "kubectl {args:?}: {stderr}\n{stdout}");
+        stdout
+    }
+
+    /// Every Event recorded, oldest first.
+    pub async fn events(&self) -> Vec<SeenEvent> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::all(self.client.clone());
+        let mut list: Vec<_> = api.list(&Default::default()).await.unwrap().items;
+        list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        list.into_iter()
+            .map(|e| {
+                let regarding = e.regarding.unwrap_or_default();
+                SeenEvent {
+                    kind: regarding.kind.unwrap_or_default(),
+                    name: regarding.name.unwrap_or_default(),
+                    type_: e.type_.unwrap_or_default(),
+                    reason: e.reason.unwrap_or_default(),
+                    note: e.note.unwrap_or_default(),
+                    count: e.series.map_or(1, |s| s.count),
+                    related: e.related.and_then(|r| r.name),
+                }
+            })
+            .collect()
+    }
+
+    /// The Events about one object, oldest first.
+    pub async fn events_about(&self, kind: &str, name: &str) -> Vec<SeenEvent> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e.kind == kind && e.name == name)
+            .collect()
+    }
+
+    /// Wait until an Event about `kind/name` with `reason` whose note
+    /// contains `text` is recorded, and return it.
+    pub async fn event(&self, kind: &str, name: &str, reason: &str, text: &str) -> SeenEvent {
+        within(
+            60,
+            &format!("a {reason} event about {kind} {name} ({text})"),
+            || async {
+                self.events_about(kind, name)
+                    .await
+                    .into_iter()
+                    .find(|e| e.reason == reason && e.note.contains(text))
+            },
+        )
+        .await
+    }
+
+    /// Start a controller with this retry and quarantine policy.
+    pub fn controller_with_retry(
+        &self,
+        identity: &str,
+        retry: ferry::core::drain::RetryPolicy,
+    ) -> Controller {
+        let config = ControllerConfig {
+            drain_retry: retry,
+            ..self.config(identity)
+        };
+        self.spawn_controller(config, None)
+    }
+
     /// Start a controller serving metrics on `listener`.
     pub fn controller_with(
         &self,
         identity: &str,
         listener: Option<tokio::net::TcpListener>,
     ) -> Controller {
-        let config = ControllerConfig {
+        self.spawn_controller(self.config(identity), listener)
+    }
+
+    /// The test controllers' configuration: fast ticks, a short leader
+    /// Lease, retries after 200 ms.
+    pub fn config(&self, identity: &str) -> ControllerConfig {
+        ControllerConfig {
             tick: Duration::from_millis(200),
             identity: identity.to_string(),
             leader_lease: Duration::from_secs(3),
@@ -205,7 +344,15 @@ impl Cluster {
                 ..Default::default()
             },
             ..ControllerConfig::default()
-        };
+        }
+    }
+
+    /// Start a controller with this configuration.
+    pub fn spawn_controller(
+        &self,
+        config: ControllerConfig,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Controller {
         let stop = self.stop.child_token();
         let task = tokio::spawn(ferry::controller::run_with(
             self.client.clone(),
@@ -288,9 +435,30 @@ async fn simulate_agents(
             let status = m.status.clone().unwrap_or_default();
             let target = status.target.as_ref().map(|r| r.state);
             let source = status.source.as_ref().map(|r| r.state);
+            let target_host = status.target_host.clone().unwrap_or_default();
             let patch = match status.phase {
                 MigrationPhase::PreparingTarget if target.is_none() => {
-                    Some(json!({"status": {"target": report(AgentState::Ready)}}))
+                    log.prepared_on
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), target_host.clone());
+                    if log.broken_targets.lock().unwrap().contains(&target_host) {
+                        Some(json!({"status": {"target": {
+                            "state": "Failed", "reason": "TargetPreparationFailed",
+                            "message": format!("{target_host}: QEMU could not start the incoming VM"),
+                            "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
+                    } else {
+                        Some(json!({"status": {"target": report(AgentState::Ready)}}))
+                    }
+                }
+                MigrationPhase::Running
+                    if source == Some(AgentState::Transferring)
+                        && log.unconvergeable.lock().unwrap().contains(&m.spec.vm_name) =>
+                {
+                    Some(json!({"status": {"source": {
+                        "state": "Failed", "reason": "NotConverging",
+                        "message": "the guest dirties memory faster than the link carries it",
+                        "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
                 }
                 MigrationPhase::Running
                     if m.spec.cancel && source != Some(AgentState::SwitchedOver) =>
@@ -316,7 +484,12 @@ async fn simulate_agents(
                                 .insert(key.clone(), tokio::time::Instant::now());
                             None
                         }
-                        Some(t) if t.elapsed() >= transfer => {
+                        Some(t) if t.elapsed() >= log.transfer_of(&m.spec.vm_name, transfer) => {
+                            log.spans.lock().unwrap().push((
+                                m.spec.vm_name.clone(),
+                                t,
+                                tokio::time::Instant::now(),
+                            ));
                             *log.moves
                                 .lock()
                                 .unwrap()

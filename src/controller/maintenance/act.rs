@@ -6,7 +6,6 @@ use std::str::FromStr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 
 use super::assess::{Act, AttemptView};
@@ -15,6 +14,7 @@ use crate::api::{
     Host, HostMaintenance, MAINTENANCE_LABEL, Migration, MigrationPhase, MigrationSpec,
     MigrationType, VirtualMachine,
 };
+use crate::controller::events::{self, Note};
 use crate::controller::status::{to_api, to_core};
 use crate::controller::{ControllerError, Ctx};
 use crate::core::drain::Attempt;
@@ -105,29 +105,29 @@ pub fn failures_of(all: &[std::sync::Arc<Migration>], namespace: &str, vm: &str)
 }
 
 /// Carry out one step of the assessment.
-pub async fn carry_out(
-    ctx: &Ctx,
-    recorder: &Recorder,
-    hm: &HostMaintenance,
-    step: &Act,
-) -> Result<(), ControllerError> {
+pub async fn carry_out(ctx: &Ctx, hm: &HostMaintenance, step: &Act) -> Result<(), ControllerError> {
     match step {
         Act::Create {
             namespace,
             vm,
             index,
-        } => create(ctx, recorder, hm, namespace, vm, *index).await,
+        } => create(ctx, hm, namespace, vm, *index).await,
         Act::Stop { namespace, vm } => {
             let Some(v) = find_vm(ctx, namespace, vm) else {
                 return Ok(());
             };
             set_stopped(ctx, &v, &hm.name_any(), true).await?;
             publish(
-                recorder,
+                ctx,
                 hm,
-                EventType::Normal,
-                "Stopped",
-                format!("{namespace}/{vm} is not migratable: stopped until the maintenance ends"),
+                Note::normal(
+                    "Stopped",
+                    "Drain",
+                    format!(
+                        "{namespace}/{vm} is not migratable: stopped until the maintenance ends"
+                    ),
+                )
+                .about(events::reference(&*v)),
             )
             .await;
             Ok(())
@@ -146,14 +146,15 @@ pub async fn carry_out(
                 condition("Quarantined", "RepeatedFailures", message),
             )
             .await?;
-            publish(
-                recorder,
-                hm,
-                EventType::Warning,
+            let note = Note::warning(
                 "Quarantined",
+                "Retry",
                 format!("{namespace}/{vm}: {message}"),
-            )
-            .await;
+            );
+            publish(ctx, hm, note.clone().about(events::reference(&*v))).await;
+            ctx.events
+                .publish(&events::reference(&*v), note.about(events::reference(hm)))
+                .await;
             Ok(())
         }
     }
@@ -168,7 +169,6 @@ fn find_vm(ctx: &Ctx, namespace: &str, name: &str) -> Option<std::sync::Arc<Virt
 
 async fn create(
     ctx: &Ctx,
-    recorder: &Recorder,
     hm: &HostMaintenance,
     namespace: &str,
     vm: &str,
@@ -203,16 +203,21 @@ async fn create(
     match api.create(&PostParams::default(), &m).await {
         Ok(_) => {
             tracing::info!(migration = %name, vm = %vm, attempt = index, "drain migration created");
-            if index > 1 {
-                publish(
-                    recorder,
-                    hm,
-                    EventType::Normal,
+            let about = events::migration_reference(namespace, &name);
+            let note = if index > 1 {
+                Note::normal(
                     "Retrying",
+                    "Retry",
                     format!("{namespace}/{vm}: attempt {index} ({name})"),
                 )
-                .await;
-            }
+            } else {
+                Note::normal(
+                    "MigrationCreated",
+                    "Drain",
+                    format!("{namespace}/{vm}: Migration {name}"),
+                )
+            };
+            publish(ctx, hm, note.about(about)).await;
             Ok(())
         }
         // Created before (a stale cache or a restarted controller): the

@@ -229,7 +229,7 @@ pub fn assess(
             RetryDecision::RetryAt(at) => {
                 out.next_retry = Some(out.next_retry.map_or(at, |t: Timestamp| t.min(at)));
                 out.blocked.push(block(
-                    "RetryPending",
+                    super::report::RETRY_PENDING,
                     format!(
                         "attempt {} failed ({last_message}); retrying in {} s",
                         mine.len(),

@@ -34,7 +34,9 @@
 
 mod act;
 pub mod assess;
+pub mod conditions;
 mod plan;
+pub mod report;
 
 use crate::controller::status::now;
 use std::sync::Arc;
@@ -43,15 +45,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::maintenance::{Blocker, HostMaintenanceStatus, MaintenancePhase, NonMigratable};
 use crate::api::{HostMaintenance, MAINTENANCE_LABEL, Migration, MigrationPhase};
 
+use super::events::{self, Note};
 use super::snapshot;
 use super::status::to_core;
 use super::{ControllerError, Ctx};
@@ -67,19 +69,12 @@ pub const ATTEMPT_LABEL: &str = "ferry.dev/attempt";
 /// moves do not trigger it).
 const POLL: Duration = Duration::from_secs(2);
 
-type Context = (Arc<Ctx>, Arc<Recorder>);
+type Context = Ctx;
 
 /// Run the HostMaintenance controller until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let api = Api::<HostMaintenance>::all(ctx.client.clone());
-    let recorder = Arc::new(Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: "ferry-controller".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        },
-    ));
-    let context = Arc::new((ctx.clone(), recorder));
+    let context = ctx.clone();
     Controller::new(api, watcher::Config::default())
         .watches(
             Api::<Migration>::all(ctx.client.clone()),
@@ -137,23 +132,9 @@ pub fn stopped_by(vm: &crate::api::VirtualMachine, maintenance: &str) -> bool {
     })
 }
 
-async fn publish(
-    recorder: &Recorder,
-    hm: &HostMaintenance,
-    kind: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_: kind,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Drain".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &hm.object_ref(&())).await {
-        tracing::debug!(error = %e, "publishing an event failed");
-    }
+/// Record an Event about the maintenance.
+async fn publish(ctx: &Ctx, hm: &HostMaintenance, note: Note) {
+    ctx.events.publish(&events::reference(hm), note).await;
 }
 
 #[tracing::instrument(skip_all, fields(maintenance = %hm.name_any(), host = %hm.spec.host))]
@@ -161,11 +142,11 @@ async fn reconcile(
     hm: Arc<HostMaintenance>,
     context: Arc<Context>,
 ) -> Result<Requeue, ControllerError> {
-    let (ctx, recorder) = (&context.0, &context.1);
+    let ctx = &*context;
     let name = hm.name_any();
     let api: Api<HostMaintenance> = Api::all(ctx.client.clone());
     if hm.metadata.deletion_timestamp.is_some() {
-        return finish(ctx, recorder, &hm).await;
+        return finish(ctx, &hm).await;
     }
     if !hm.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = hm.finalizers().to_vec();
@@ -183,11 +164,13 @@ async fn reconcile(
             let phase = next.phase;
             write_status(&api, &hm, &next).await?;
             publish(
-                recorder,
+                ctx,
                 &hm,
-                EventType::Normal,
-                &format!("{phase:?}"),
-                next.message.clone().unwrap_or_default(),
+                Note::normal(
+                    &format!("{phase:?}"),
+                    "Plan",
+                    next.message.clone().unwrap_or_default(),
+                ),
             )
             .await;
         }
@@ -200,13 +183,12 @@ async fn reconcile(
         return Ok(Requeue::await_change());
     }
     act::cordon(ctx, &hm.spec.host, true).await?;
-    drain(ctx, recorder, &hm, status).await
+    drain(ctx, &hm, status).await
 }
 
 /// One pass of a real drain.
 async fn drain(
     ctx: &Ctx,
-    recorder: &Recorder,
     hm: &HostMaintenance,
     status: HostMaintenanceStatus,
 ) -> Result<Requeue, ControllerError> {
@@ -270,7 +252,7 @@ async fn drain(
         .iter()
         .filter(|s| !(late && matches!(s, assess::Act::Create { .. })))
     {
-        act::carry_out(ctx, recorder, hm, step).await?;
+        act::carry_out(ctx, hm, step).await?;
     }
     let only_final = !a.blocked.is_empty() && a.moving == 0 && a.blocked.iter().all(|b| b.fin);
     let (phase, message) = if a.remaining == 0 {
@@ -317,36 +299,43 @@ async fn drain(
     let total = status
         .vms_total
         .max(u32::try_from(on_host.len()).unwrap_or(u32::MAX));
+    let blockers: Vec<Blocker> = a
+        .blocked
+        .iter()
+        .map(|b| Blocker {
+            namespace: b.namespace.clone(),
+            vm: b.vm.clone(),
+            reason: b.reason.clone(),
+            message: b.message.clone(),
+        })
+        .collect();
+    let conditions = conditions::conditions(
+        &status.conditions,
+        &conditions::Facts {
+            host,
+            phase,
+            total,
+            remaining: a.remaining,
+            blockers: &blockers,
+            deadline: hm.spec.deadline.as_ref().map(|d| d.get()),
+            late,
+        },
+        super::status::to_api(t),
+    );
     let next = HostMaintenanceStatus {
         phase,
         vms_total: total,
         vms_remaining: a.remaining,
         vms_blocked: u32::try_from(a.blocked.len()).unwrap_or(u32::MAX),
         migrations: names,
-        blockers: a
-            .blocked
-            .iter()
-            .map(|b| Blocker {
-                namespace: b.namespace.clone(),
-                vm: b.vm.clone(),
-                reason: b.reason.clone(),
-                message: b.message.clone(),
-            })
-            .collect(),
+        blockers,
         plan: None,
         message: Some(message.clone()),
         observed_generation: hm.metadata.generation,
-        conditions: status.conditions.clone(),
+        conditions,
     };
-    if next.phase != status.phase {
-        let kind = if phase == MaintenancePhase::Failed {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(recorder, hm, kind, &format!("{phase:?}"), message).await;
-    }
     write_status(&Api::all(ctx.client.clone()), hm, &next).await?;
+    report::announce(ctx, hm, &status, &next, late).await;
     Ok(match phase {
         MaintenancePhase::Draining => Requeue::requeue(
             a.next_retry
@@ -383,11 +372,7 @@ async fn write_status(
 }
 
 /// The deleted maintenance: cancel, wait, restore, release.
-async fn finish(
-    ctx: &Ctx,
-    recorder: &Recorder,
-    hm: &HostMaintenance,
-) -> Result<Requeue, ControllerError> {
+async fn finish(ctx: &Ctx, hm: &HostMaintenance) -> Result<Requeue, ControllerError> {
     let name = hm.name_any();
     if !hm.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Requeue::await_change());
@@ -397,22 +382,29 @@ async fn finish(
         .filter(|m| !is_final(phase_of(m)))
         .collect();
     if !live.is_empty() {
-        let mut cancelled = 0;
+        let mut cancelled = Vec::new();
         for m in &live {
             if !m.spec.cancel {
                 act::cancel(ctx, m).await?;
-                cancelled += 1;
+                cancelled.push(format!(
+                    "{}/{}",
+                    m.namespace().unwrap_or_default(),
+                    m.spec.vm_name
+                ));
             }
         }
-        if cancelled > 0 {
+        if !cancelled.is_empty() {
             publish(
-                recorder,
+                ctx,
                 hm,
-                EventType::Normal,
-                "Cancelling",
-                format!(
-                    "cancelling {cancelled} migrations before returning {} to service",
-                    hm.spec.host
+                Note::normal(
+                    "Cancelling",
+                    "Cancel",
+                    format!(
+                        "cancelling the migrations of {} before returning {} to service",
+                        cancelled.join(", "),
+                        hm.spec.host
+                    ),
                 ),
             )
             .await;
@@ -434,14 +426,7 @@ async fn finish(
         if !others {
             act::cordon(ctx, &hm.spec.host, false).await?;
         }
-        publish(
-            recorder,
-            hm,
-            EventType::Normal,
-            "Returned",
-            format!("{} is back in service", hm.spec.host),
-        )
-        .await;
+        report::ended(ctx, hm, &report::Outcome::of(&drain_migrations(ctx, &name))).await;
     }
     let finalizers: Vec<String> = hm
         .finalizers()

@@ -11,7 +11,7 @@ use crate::api::maintenance::{
     PlanEntry as ApiEntry,
 };
 use crate::controller::Ctx;
-use crate::controller::snapshot::{self, id};
+use crate::controller::snapshot::id;
 use crate::controller::status::to_core;
 use crate::core::drain::{self, DrainRequest, Outcome};
 use crate::core::policy::Bandwidth;
@@ -26,12 +26,7 @@ const DEFAULT_LINK: u64 = 10 * GIB / 8;
 /// The dry run: the plan, nothing moved.
 pub fn dry_run(ctx: &Ctx, hm: &HostMaintenance) -> HostMaintenanceStatus {
     let host = hm.spec.host.as_str();
-    let snap = snapshot::build(
-        &ctx.hosts.state(),
-        &ctx.vms.state(),
-        &ctx.migrations.state(),
-        &Default::default(),
-    );
+    let snap = ctx.snapshot(&Default::default(), now());
     let policy = match &hm.spec.policy {
         Some(p) => ctx.policy_for(None, Some(p)).1,
         None => ctx.cluster_policy(),

@@ -12,6 +12,9 @@ fn q(name: &str, vm: &str, src: &str, dst: &str, origin: Origin, at: i64) -> Que
         origin,
         priority: 0,
         queued_at: Timestamp::from_secs(at),
+        size: 0,
+        batch: None,
+        ready: true,
     }
 }
 
@@ -209,6 +212,102 @@ proptest! {
                 if same && !matches!(w.reason, WaitReason::VmBusy { .. }) {
                     prop_assert!((s.queued_at, &s.name) < (wm.queued_at, &wm.name), "{} passed {}", s.name, wm.name);
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_batch_starts_largest_first_and_waits_for_a_larger_member_still_being_scheduled() {
+    let member = |name: &str, size: u64, ready: bool| QueuedMigration {
+        size,
+        batch: Some("drain-h0".into()),
+        ready,
+        ..q(
+            name,
+            name,
+            "h0",
+            &format!("t-{name}"),
+            Origin::Maintenance,
+            10,
+        )
+    };
+    let limits = Limits {
+        per_cluster: 10,
+        outbound_per_host: 2,
+        inbound_per_host: 2,
+    };
+    // Names in the opposite order of sizes: size decides.
+    let queue = [
+        member("a", 1, true),
+        member("b", 2, true),
+        member("c", 3, true),
+    ];
+    let p = admit(&queue, &[], &limits);
+    assert_eq!(p.admitted, ["c", "b"]);
+    // The largest is not queued yet: nothing smaller of its batch passes it.
+    let queue = [
+        member("a", 1, true),
+        member("b", 2, true),
+        member("c", 3, false),
+    ];
+    let p = admit(&queue, &[], &limits);
+    assert!(p.admitted.is_empty(), "{p:?}");
+    assert_eq!(reason_of(&p, "b"), Some("BatchAhead"));
+    assert!(
+        p.waiting[0]
+            .reason
+            .to_string()
+            .contains("c, a larger VM of drain-h0")
+    );
+    // A smaller member still being scheduled holds nothing back.
+    let queue = [
+        member("a", 1, false),
+        member("b", 2, true),
+        member("c", 3, true),
+    ];
+    assert_eq!(admit(&queue, &[], &limits).admitted, ["c", "b"]);
+    // Another batch, or a user's migration, is not held by it.
+    let other = QueuedMigration {
+        batch: Some("drain-h1".into()),
+        ..member("x", 1, true)
+    };
+    let user = q("u", "u", "h2", "h3", Origin::User, 10);
+    let queue = [member("c", 3, false), other, user];
+    assert_eq!(admit(&queue, &[], &limits).admitted, ["x", "u"]);
+}
+
+proptest! {
+    /// One drain (a batch from one host, targets never full): the members
+    /// that start are the largest ready ones ahead of every member still
+    /// being scheduled, as many as the source's outbound limit allows.
+    #[test]
+    fn a_drain_is_admitted_longest_transfer_first(
+        members in prop::collection::vec((1u64..6, prop::bool::weighted(0.8)), 1..20),
+        outbound in 1u32..6,
+    ) {
+        let queue: Vec<QueuedMigration> = members.iter().enumerate().map(|(i, (size, ready))| QueuedMigration {
+            size: *size,
+            batch: Some("drain".into()),
+            ready: *ready,
+            ..q(&format!("m{i:02}"), &format!("v{i}"), "h0", &format!("t{i}"), Origin::Maintenance, 0)
+        }).collect();
+        let limits = Limits { per_cluster: 100, outbound_per_host: outbound, inbound_per_host: 100 };
+        let p = admit(&queue, &[], &limits);
+        let mut by_size: Vec<&QueuedMigration> = queue.iter().collect();
+        by_size.sort_by(|a, b| b.size.cmp(&a.size).then(a.name.cmp(&b.name)));
+        let expected: Vec<String> = by_size
+            .iter()
+            .take_while(|m| m.ready)
+            .take(outbound as usize)
+            .map(|m| m.name.clone())
+            .collect();
+        prop_assert_eq!(&p.admitted, &expected);
+        // Nothing smaller ever starts before something larger of the batch.
+        for a in &p.admitted {
+            let a = queue.iter().find(|m| &m.name == a).unwrap();
+            for b in queue.iter().filter(|b| !p.admitted.contains(&b.name)) {
+                prop_assert!(a.size >= b.size, "{} ({}) started before {} ({})", a.name, a.size, b.name, b.size);
             }
         }
     }

@@ -25,8 +25,10 @@
 //!
 //! [`retry`] decides when a failed move is tried again (exponential back-off),
 //! when it becomes a blocker, and when a VM that keeps failing is
-//! quarantined.
+//! quarantined; [`quarantine`] when a target host that keeps failing is
+//! left out of scheduling for a while.
 
+pub mod quarantine;
 pub mod retry;
 #[cfg(test)]
 mod tests;
@@ -40,6 +42,7 @@ use crate::core::policy::{ConvergenceMode, EffectivePolicy};
 use crate::core::scheduler::{InFlight, PlacementError, PlacementRequest, Snapshot, place};
 use crate::core::time::{MIB, Timestamp};
 
+pub use quarantine::{TargetFailure, blames_target, quarantined_hosts};
 pub use retry::{Attempt, RetryDecision, RetryPolicy, next_attempt};
 
 /// What to do with VMs that cannot live-migrate (`spec.nonMigratable`).

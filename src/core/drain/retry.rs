@@ -32,6 +32,13 @@ pub struct RetryPolicy {
     pub quarantine_after: u32,
     /// The quarantine window.
     pub quarantine_window: Duration,
+    /// Failed incoming migrations (blamed on the target) within
+    /// `host_quarantine_window` that quarantine a host.
+    pub host_quarantine_after: u32,
+    /// The window of `host_quarantine_after`.
+    pub host_quarantine_window: Duration,
+    /// How long a quarantined host is left out of scheduling.
+    pub host_quarantine_period: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -46,6 +53,12 @@ impl Default for RetryPolicy {
             // with this VM, not with the hosts.
             quarantine_after: 5,
             quarantine_window: Duration::from_secs(24 * 3600),
+            // Three targets failures in ten minutes: the host, not the VMs,
+            // is the likely cause (a broken QEMU, a full disk, a bad link);
+            // half an hour away from new work gives an operator time to look.
+            host_quarantine_after: 3,
+            host_quarantine_window: Duration::from_secs(600),
+            host_quarantine_period: Duration::from_secs(1800),
         }
     }
 }

@@ -17,6 +17,13 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How often a queued migration is looked at again (a slot freeing also
 /// triggers a reconcile; this is the backstop).
 pub const QUEUE_POLL: Duration = Duration::from_secs(5);
+/// How soon a Completing migration looks again for its commit (the VM's
+/// host read back): it still holds a slot that a drain's next VM waits for.
+pub const COMMIT_POLL: Duration = Duration::from_millis(200);
+/// The reason of a Queued migration that the admission queue holds back
+/// (distinct from `Queued`, the transition into the queue, so the
+/// controller records one Event when the wait begins).
+pub const WAITING_FOR_SLOT: &str = "WaitingForSlot";
 /// The source agent has this long to confirm an abort before the
 /// migration is failed anyway (it sees the request within a second).
 pub const ABORT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -284,7 +291,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
                 None => Decision::stay(&o.state, "Queued", "waiting for admission", Duration::ZERO)
                     .with(Action::RequestAdmission),
                 Some(AdmissionOutcome::Waiting(why)) => {
-                    Decision::stay(&o.state, "Queued", why.clone(), QUEUE_POLL)
+                    Decision::stay(&o.state, WAITING_FOR_SLOT, why.clone(), QUEUE_POLL)
                 }
                 Some(AdmissionOutcome::Admitted) => Decision::to(
                     S::Scheduled {
@@ -456,7 +463,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
                     "switchover at {}ms; recording {target} as the VM's host",
                     switchover.as_millis()
                 ),
-                POLL,
+                COMMIT_POLL,
             )
             .with(Action::SetVmHost {
                 host: target.clone(),

@@ -297,6 +297,7 @@ fn candidates<'s>(
     for (h, host) in s.hosts.iter().enumerate() {
         let open = host.phase == super::HostPhase::Active
             && host.schedulable
+            && s.quarantine_of(h, now).is_none()
             && !s.busy(h)
             && !s.cpu_over(h, sched.high_utilization, sched.over_commit_duration, now);
         if open {

@@ -183,6 +183,13 @@ impl<'a> Request<'a> {
         if !host.schedulable {
             reject!(Rejection::Unschedulable);
         }
+        if let Some(q) = s.quarantine_of(h, self.now) {
+            reject!(Rejection::Quarantined {
+                remaining: q.until.since(self.now),
+                failures: q.failures,
+                last: q.last,
+            });
+        }
         let free = s.free_memory(h);
         if free < vm.resources.memory {
             reject!(Rejection::Memory {

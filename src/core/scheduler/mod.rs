@@ -12,6 +12,7 @@
 //! ```
 //!
 //! Filters (all policies): never the source; host `Active` and schedulable;
+//! not quarantined ([`HostQuarantine`]: repeated failed incoming migrations);
 //! free memory (capacity − allocated − VMs arriving) and CPU count; inbound
 //! migration limit; cluster; pinned host; host selector; CPU model and
 //! features; affinity and anti-affinity groups (counting VMs on their way);
@@ -62,8 +63,8 @@ use thiserror::Error;
 pub use balance::{BalancePlan, Move, MoveReason, PastMove, Skip, balance};
 pub use evaluate::{Rejection, Score};
 pub use snapshot::{
-    HOST_CPU_MODELS, HostInfo, HostPhase, InFlight, LoadSample, Resources, Snapshot, VmInfo,
-    VmPlacement,
+    HOST_CPU_MODELS, HostInfo, HostPhase, HostQuarantine, InFlight, LoadSample, Resources,
+    Snapshot, VmInfo, VmPlacement,
 };
 
 use crate::core::policy::{EffectivePolicy, SchedulingPolicyKind};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::snapshot::HostPhase;
+use crate::core::migration::FailureReason;
 use crate::core::time::MIB;
 
 /// Why a host cannot take a VM.
@@ -19,6 +20,15 @@ pub enum Rejection {
     },
     /// The host is cordoned (maintenance or by hand).
     Unschedulable,
+    /// Too many incoming migrations failed on this host lately.
+    Quarantined {
+        /// How long the quarantine still lasts.
+        remaining: Duration,
+        /// Failed incoming migrations that started it.
+        failures: u32,
+        /// The last failure's reason.
+        last: FailureReason,
+    },
     /// The host is in another cluster.
     WrongCluster {
         /// The host's cluster.
@@ -127,6 +137,7 @@ impl Rejection {
             Self::IsSource => "IsSource",
             Self::NotActive { .. } => "HostNotActive",
             Self::Unschedulable => "HostUnschedulable",
+            Self::Quarantined { .. } => "HostQuarantined",
             Self::WrongCluster { .. } => "WrongCluster",
             Self::HostSelector { .. } => "HostSelectorMismatch",
             Self::NotPinned { .. } => "PinnedToOtherHost",
@@ -151,6 +162,16 @@ impl fmt::Display for Rejection {
             Self::IsSource => write!(f, "the VM already runs on this host"),
             Self::NotActive { phase } => write!(f, "host is {}, not Active", phase.as_str()),
             Self::Unschedulable => write!(f, "host is unschedulable (cordoned or in maintenance)"),
+            Self::Quarantined {
+                remaining,
+                failures,
+                last,
+            } => write!(
+                f,
+                "host is quarantined for another {} s: {failures} incoming migrations failed on it (last: {})",
+                remaining.as_secs(),
+                last.as_str()
+            ),
             Self::WrongCluster { host, required } => {
                 write!(
                     f,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::load::{self, rescale, vm_share};
+use crate::core::migration::FailureReason;
 use crate::core::time::Timestamp;
 
 /// A host's lifecycle phase (the `Host` status).
@@ -168,6 +169,20 @@ pub struct Snapshot {
     pub(crate) vm_target: HashMap<usize, usize>,
     /// Flat copies of what every placement reads for every host.
     pub(crate) hot: Hot,
+    /// Hosts quarantined after repeated failed incoming migrations.
+    pub(crate) quarantined: HashMap<usize, HostQuarantine>,
+}
+
+/// A host that no migration targets until `until`: too many incoming
+/// migrations failed on its side lately (see `core::drain::quarantine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostQuarantine {
+    /// When it ends.
+    pub until: Timestamp,
+    /// Failed incoming migrations within the window that started it.
+    pub failures: u32,
+    /// The last of them.
+    pub last: FailureReason,
 }
 
 /// Flat, cache-friendly copies of the per-host data every placement reads
@@ -305,6 +320,7 @@ impl Snapshot {
             anti_affinity: HashMap::new(),
             vm_target: HashMap::new(),
             hot: Hot::default(),
+            quarantined: HashMap::new(),
         };
         s.hot = Hot::new(&s.hosts);
         for (i, vm) in s.vms.iter().enumerate() {
@@ -444,6 +460,18 @@ impl Snapshot {
     }
 
     /// Whether the host is source or target of a migration in flight.
+    /// Quarantine a host (a name not in the snapshot is ignored).
+    pub fn quarantine(&mut self, host: &str, q: HostQuarantine) {
+        if let Some(h) = self.host_index.get(host) {
+            self.quarantined.insert(*h, q);
+        }
+    }
+
+    /// The quarantine of host `h` in force at `now`.
+    pub(crate) fn quarantine_of(&self, h: usize, now: Timestamp) -> Option<&HostQuarantine> {
+        self.quarantined.get(&h).filter(|q| q.until > now)
+    }
+
     pub(crate) fn busy(&self, h: usize) -> bool {
         self.outbound[h] > 0 || !self.inbound[h].is_empty()
     }

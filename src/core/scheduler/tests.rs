@@ -443,3 +443,44 @@ fn an_affinity_group_follows_its_members() {
     let d = place_vm(&s, &policy(SchedulingPolicyKind::None), "ns/vm");
     assert_eq!(d.chosen.as_deref(), Some("b"));
 }
+
+#[test]
+fn a_quarantined_host_is_refused_with_the_reason_until_its_quarantine_ends() {
+    let mut s = Snapshot::new(
+        vec![host("src"), host("bad"), host("ok").memory_gib(64, 32)],
+        vec![vm("ns/vm", Some("src"))],
+        vec![],
+    );
+    s.quarantine(
+        "bad",
+        HostQuarantine {
+            until: NOW.plus(std::time::Duration::from_secs(90)),
+            failures: 3,
+            last: crate::core::migration::FailureReason::TargetPreparationFailed,
+        },
+    );
+    let p = policy(SchedulingPolicyKind::None);
+    let d = place_vm(&s, &p, "ns/vm");
+    assert_eq!(d.chosen.as_deref(), Some("ok"));
+    assert_eq!(reasons(&d, "bad"), vec!["HostQuarantined"]);
+    let Some(Verdict::Rejected(rs)) = d.verdict("bad") else {
+        panic!("bad was not rejected")
+    };
+    assert_eq!(
+        rs[0].to_string(),
+        "host is quarantined for another 90 s: 3 incoming migrations failed on it (last: TargetPreparationFailed)"
+    );
+    // Once it ends, the host with more free memory wins again.
+    let later = place(
+        &s,
+        &p,
+        &PlacementRequest {
+            vm: "ns/vm",
+            target: None,
+            ignore_inbound_limit: false,
+        },
+        NOW.plus(std::time::Duration::from_secs(90)),
+    )
+    .unwrap();
+    assert_eq!(later.chosen.as_deref(), Some("bad"));
+}
