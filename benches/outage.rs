@@ -26,7 +26,8 @@
 //! machine, so the two stamps come from one clock.
 //!
 //! `cargo bench --bench outage`. `FERRY_OUTAGE_ROUNDS` (default 5):
-//! migrations per mode and limit; the guest moves back and forth, and the
+//! migrations per mode and limit; `FERRY_OUTAGE_INTERVAL_MS` (default 10):
+//! the client's pace; the guest moves back and forth, and the
 //! four configurations are interleaved (reversed every other round, so each
 //! one runs in both directions). Needs root and the Linux test guest;
 //! without them it prints what is missing and exits 0.
@@ -53,8 +54,8 @@ use ferry::agent::pki::{ClusterCa, TlsSettings};
 use ferry::agent::qemu::QemuProcess;
 use ferry::agent::qmp::{self, Event, MigrationStatus};
 use ferry::agent::relay::{
-    ClientTransport, MigrationRef, MigrationTable, ServerTransport, SourceRelay,
-    SourceRelayConfig, TargetRelay,
+    ClientTransport, MigrationRef, MigrationTable, ServerTransport, SourceRelay, SourceRelayConfig,
+    TargetRelay,
 };
 use ferry::agent::vms::VmManager;
 use net_support::outage::{EchoLog, Pinger, longest_gap, migration_link};
@@ -62,8 +63,9 @@ use net_support::{BOOT_TIMEOUT, GUEST_IP, MAC, in_ns, scratch, segment};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-/// Between two counters, and between two pings.
-const INTERVAL: Duration = Duration::from_millis(10);
+/// Between two counters, and between two pings, unless
+/// `FERRY_OUTAGE_INTERVAL_MS` says otherwise.
+const INTERVAL_MS: usize = 10;
 /// How long the guest runs on the target before a migration's window
 /// closes (QEMU's announce rounds take ~1.25 s).
 const SETTLE: Duration = Duration::from_secs(2);
@@ -280,7 +282,12 @@ async fn direct(
         match info.status {
             Some(MigrationStatus::Completed) => break info,
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
-                bail!("direct migration {} → {} failed: {:?}", from.name, to.name, info.error_desc)
+                bail!(
+                    "direct migration {} → {} failed: {:?}",
+                    from.name,
+                    to.name,
+                    info.error_desc
+                )
             }
             _ if Instant::now() > deadline => bail!("direct migration unfinished after 120 s"),
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -484,6 +491,7 @@ async fn bench(
     hosts: &[Host; 2],
     client_ns: &str,
     rounds: usize,
+    interval: Duration,
     kill: &KillOnDrop,
 ) -> anyhow::Result<Vec<Run>> {
     let g = linux_guest::ensure()?;
@@ -492,8 +500,12 @@ async fn bench(
     kill.add(vm.pid());
     let guest: Ipv4Addr = GUEST_IP.parse()?;
     let client = Client {
-        echo: EchoLog::start(client_ns, SocketAddr::new(guest.into(), ECHO_PORT), INTERVAL),
-        ping: Pinger::start(client_ns, guest, INTERVAL).map_err(|e| anyhow!(e))?,
+        echo: EchoLog::start(
+            client_ns,
+            SocketAddr::new(guest.into(), ECHO_PORT),
+            interval,
+        ),
+        ping: Pinger::start(client_ns, guest, interval).map_err(|e| anyhow!(e))?,
     };
     client
         .wait_answers(Instant::now(), 50, Duration::ZERO)
@@ -582,7 +594,14 @@ fn report(runs: &[Run], rounds: usize) {
     );
     println!(
         "{:<6} {:<14} {:>13} {:>7} {:>13} {:>7} {:>13} {:>9}",
-        "limit", "figure", "direct median", "max", "ferry median", "max", "ratio median", "ratio max"
+        "limit",
+        "figure",
+        "direct median",
+        "max",
+        "ferry median",
+        "max",
+        "ratio median",
+        "ratio max"
     );
     for limit in [20, 300] {
         for (name, f) in FIGURES {
@@ -620,7 +639,10 @@ fn report(runs: &[Run], rounds: usize) {
             if met { "met" } else { "NOT met" },
             ratios
                 .iter()
-                .map(|(n, r)| format!("{n} ×{}", r.map_or_else(|| "-".into(), |r| format!("{r:.2}"))))
+                .map(|(n, r)| format!(
+                    "{n} ×{}",
+                    r.map_or_else(|| "-".into(), |r| format!("{r:.2}"))
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -665,17 +687,21 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn run(rounds: usize) -> anyhow::Result<()> {
+fn run(rounds: usize, interval_ms: usize) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "outage bench: {rounds} round(s), {cpus} CPUs, load average {} at start",
+        "outage bench: {rounds} round(s), client pace {interval_ms} ms, {cpus} CPUs, load average {} at start",
         loadavg()
     );
+    let interval = Duration::from_millis(interval_ms as u64);
     let seg = segment("out");
     let (ip_a, ip_b) = migration_link(&seg, "a", "b");
     let dir = scratch();
     let ca = ClusterCa::generate("ferry-outage-bench")?;
-    let ns = |h| seg.host_ns(h).ok_or_else(|| anyhow!("no namespace for host {h}"));
+    let ns = |h| {
+        seg.host_ns(h)
+            .ok_or_else(|| anyhow!("no namespace for host {h}"))
+    };
     let hosts = [
         Host::new("a", ns("a")?, ip_a, dir.path(), &ca)?,
         Host::new("b", ns("b")?, ip_b, dir.path(), &ca)?,
@@ -685,7 +711,7 @@ fn run(rounds: usize) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let runs = main_rt.block_on(bench(&hosts, seg.client_ns(), rounds, &kill))?;
+    let runs = main_rt.block_on(bench(&hosts, seg.client_ns(), rounds, interval, &kill))?;
     report(&runs, rounds);
     println!("load average {} at the end", loadavg());
     Ok(())
@@ -696,7 +722,10 @@ fn main() -> ExitCode {
         println!("outage bench not run: {missing}");
         return ExitCode::SUCCESS;
     }
-    match run(env("FERRY_OUTAGE_ROUNDS", 5)) {
+    match run(
+        env("FERRY_OUTAGE_ROUNDS", 5),
+        env("FERRY_OUTAGE_INTERVAL_MS", INTERVAL_MS),
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outage bench failed: {e:#}");
