@@ -47,6 +47,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a live transfer may run at the very most (the policy's
 /// deadlines end it long before).
 const TARGET_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// How long a report the API server could not take is retried: longer than
+/// a restart of the API server, within a Migration's deadlines.
+const REPORT_RETRY: Duration = Duration::from_secs(120);
 
 /// A running half.
 pub struct Half {
@@ -244,15 +247,40 @@ async fn report_with(
     let api: Api<Migration> =
         Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
     let patch = serde_json::json!({ "status": status });
-    if let Err(e) = api
-        .patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed");
+    // A report lost to an API server restarting would leave the other half
+    // and the controller waiting on a state this half has left: retry what
+    // can succeed later, for a while.
+    let deadline = Instant::now() + REPORT_RETRY;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let result = api
+            .patch_status(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+        match result {
+            Ok(_) => return,
+            Err(e) if report_retryable(&e) && Instant::now() + pause < deadline => {
+                tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a failed report can succeed later: the API server was
+/// unreachable or overloaded, not a refusal of the report itself.
+fn report_retryable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        _ => true,
     }
 }
 
