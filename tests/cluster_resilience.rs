@@ -104,12 +104,15 @@ async fn each_resilience_policy_rebuilds_exactly_the_vms_it_names_and_says_why_i
     }
     let mut uuids = BTreeMap::new();
     for (name, ..) in VMS {
-        let s = wait_for(Duration::from_secs(120), || async {
+        let s = wait_for(Duration::from_secs(240), || async {
             let s = vms.get(name).await.ok()?.status?;
             (s.phase == VmPhase::Running && s.host.as_deref() == Some(FAILED)).then_some(s)
         })
-        .await
-        .unwrap_or_else(|| panic!("{name} runs on {FAILED}"));
+        .await;
+        let Some(s) = s else {
+            let now = vms.get(name).await.ok().and_then(|v| v.status);
+            panic!("{name} does not run on {FAILED}: {now:#?}");
+        };
         uuids.insert(name, s.uuid.clone());
     }
     for host in ["host-2", "host-3"] {

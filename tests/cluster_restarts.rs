@@ -77,12 +77,15 @@ async fn prepare(cluster: &Cluster) {
         vms.create(&PostParams::default(), &vm).await.unwrap();
     }
     for name in VMS {
-        wait_for(Duration::from_secs(90), || async {
+        let running = wait_for(Duration::from_secs(240), || async {
             let s = vms.get(name).await.ok()?.status?;
             (s.phase == VmPhase::Running && s.host.as_deref() == Some(SOURCE)).then_some(())
         })
-        .await
-        .unwrap_or_else(|| panic!("{name} runs on {SOURCE}"));
+        .await;
+        if running.is_none() {
+            let now = vms.get(name).await.ok().and_then(|v| v.status);
+            panic!("{name} does not run on {SOURCE}: {now:#?}");
+        }
     }
     for host in &cluster.hosts {
         if host != SOURCE {
