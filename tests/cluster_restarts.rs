@@ -388,3 +388,30 @@ async fn a_source_agent_killed_mid_drain_adopts_its_qemus_and_the_drain_complete
 async fn an_api_server_restarted_mid_drain_loses_nothing_and_the_drain_completes() {
     drill(Victim::ApiServer).await;
 }
+
+/// The sampler's rule, on made-up intervals: a switchover (source, both,
+/// target) is not two copies; two hosts in two intervals in a row are.
+#[test]
+fn the_sampler_tells_a_switchover_from_a_vm_running_on_two_hosts() {
+    use cluster_support::vcpu::{Executing, doubles};
+    let at = |hosts: &[&str]| -> Executing {
+        [(
+            "vm".to_string(),
+            hosts.iter().map(|h| h.to_string()).collect(),
+        )]
+        .into()
+    };
+    let switchover = [at(&["a"]), at(&["a", "b"]), at(&["b"]), at(&["b"])];
+    for pair in switchover.windows(2) {
+        assert!(doubles(&pair[0], &pair[1]).is_empty(), "{pair:?}");
+    }
+    let twice = [at(&["a"]), at(&["a", "b"]), at(&["a", "b"])];
+    assert!(doubles(&twice[0], &twice[1]).is_empty());
+    let found = doubles(&twice[1], &twice[2]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].1.len(), 2);
+    // Other VMs in the same intervals do not mix in.
+    let mut other = at(&["a"]);
+    other.insert("other".into(), ["b".to_string()].into());
+    assert!(doubles(&other, &other).is_empty());
+}

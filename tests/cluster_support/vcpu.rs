@@ -142,15 +142,13 @@ fn sample(hosts: &[(String, PathBuf)], vms: &[String], stop: &AtomicBool) -> Rep
                 .entry(vm.clone())
                 .or_default()
                 .extend(hosts.iter().cloned());
-            let previous = last_executing.get(vm).cloned().unwrap_or_default();
-            let both: BTreeSet<&String> = hosts.intersection(&previous).collect();
-            if both.len() >= 2 {
-                report.doubles.push(format!(
-                    "{vm} executed on {both:?} in intervals {} and {}",
-                    report.intervals,
-                    report.intervals + 1
-                ));
-            }
+        }
+        for (vm, both) in doubles(&last_executing, &executing) {
+            report.doubles.push(format!(
+                "{vm} executed on {both:?} in intervals {} and {}",
+                report.intervals.saturating_sub(1),
+                report.intervals
+            ));
         }
         report.intervals += 1;
         before = now;
@@ -158,4 +156,21 @@ fn sample(hosts: &[(String, PathBuf)], vms: &[String], stop: &AtomicBool) -> Rep
         std::thread::sleep(PERIOD);
     }
     report
+}
+
+/// VM → hosts executing it in one interval.
+pub type Executing = BTreeMap<String, BTreeSet<String>>;
+
+/// The VMs that executed on two or more of the same hosts in both of two
+/// consecutive intervals, with those hosts: a copy that runs on two hosts
+/// for good. A switchover (the source executes up to a moment, the target
+/// from a later one) puts both hosts in one interval at most.
+pub fn doubles(previous: &Executing, now: &Executing) -> Vec<(String, BTreeSet<String>)> {
+    now.iter()
+        .filter_map(|(vm, hosts)| {
+            let before = previous.get(vm)?;
+            let both: BTreeSet<String> = hosts.intersection(before).cloned().collect();
+            (both.len() >= 2).then(|| (vm.clone(), both))
+        })
+        .collect()
 }
