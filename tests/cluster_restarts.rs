@@ -34,6 +34,13 @@ enum Victim {
     Controller,
     SourceAgent,
     ApiServer,
+    /// The source agent dies after its QEMU completed the transfer, before
+    /// it learned that the guest runs on the target (the API server is down
+    /// meanwhile, so the target's report cannot reach it).
+    SourceAgentAtSwitchover,
+    /// The target agent dies once the guest runs on its host, before it
+    /// could say so (the API server is down meanwhile).
+    TargetAgentAtSwitchover,
 }
 
 async fn cordon(cluster: &Cluster, host: &str, unschedulable: bool) {
@@ -202,6 +209,27 @@ async fn drill(victim: Victim) {
         // Down for longer than the rest of the transfer (the switchover is
         // reported while nobody can write it) and shorter than a host Lease.
         Victim::ApiServer => cluster.restart_api(Duration::from_secs(5)).await,
+        Victim::SourceAgentAtSwitchover | Victim::TargetAgentAtSwitchover => {
+            let m = migrations(&cluster)
+                .await
+                .into_iter()
+                .find(|m| m.metadata.name.as_deref() == Some(struck.as_str()))
+                .unwrap();
+            let vm = m.spec.vm_name.clone();
+            let victim_host = match victim {
+                Victim::SourceAgentAtSwitchover => SOURCE.to_string(),
+                _ => m.status.and_then(|s| s.target_host).unwrap(),
+            };
+            cluster.stop_api().await;
+            wait_for(Duration::from_secs(120), || async {
+                executes_off_source(&cluster, &vm).await.then_some(())
+            })
+            .await
+            .expect("the guest runs on the target");
+            cluster.kill_agent(&victim_host);
+            cluster.start_api().await;
+            cluster.restart_agent(&victim_host);
+        }
     }
 
     let maintenances: Api<HostMaintenance> = Api::all(cluster.client.clone());
@@ -286,6 +314,19 @@ async fn drill(victim: Victim) {
             );
         }
     }
+    // A guest that ran on the target never goes back to its source (its
+    // source copy is older: it would resume in the past).
+    if matches!(
+        victim,
+        Victim::SourceAgentAtSwitchover | Victim::TargetAgentAtSwitchover
+    ) {
+        let m = all
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(struck.as_str()))
+            .unwrap();
+        let s = m.status.clone().unwrap_or_default();
+        assert_eq!(s.phase, MigrationPhase::Succeeded, "{struck}: {s:#?}");
+    }
     for vm in VMS {
         let succeeded: Vec<_> = all
             .iter()
@@ -357,6 +398,23 @@ async fn drill(victim: Victim) {
     drop(cluster);
 }
 
+/// Whether the guest of `vm` executes on a host other than the source.
+async fn executes_off_source(cluster: &Cluster, vm: &str) -> bool {
+    for host in cluster.hosts.iter().filter(|h| *h != SOURCE) {
+        let Some(pid) = qemu_of(cluster, host, vm) else {
+            continue;
+        };
+        let Some(before) = cluster_support::vcpu::vcpu_run_ns(pid) else {
+            continue;
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if cluster_support::vcpu::vcpu_run_ns(pid).is_some_and(|after| after > before + 1_000_000) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The live QEMU pid of `vm` on `host`.
 fn qemu_of(cluster: &Cluster, host: &str, vm: &str) -> Option<i32> {
     let pid = std::fs::read_to_string(
@@ -382,6 +440,16 @@ async fn a_controller_killed_mid_drain_is_replaced_and_the_drain_completes_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_agent_killed_mid_drain_adopts_its_qemus_and_the_drain_completes() {
     drill(Victim::SourceAgent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_agent_killed_between_transfer_and_switchover_loses_no_vm() {
+    drill(Victim::SourceAgentAtSwitchover).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_agent_killed_as_the_guest_starts_there_never_lets_it_run_twice() {
+    drill(Victim::TargetAgentAtSwitchover).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -302,11 +302,23 @@ impl Cluster {
     /// again on the same data directory and port after `down`; every client
     /// reconnects.
     pub async fn restart_api(&mut self, down: Duration) {
-        let old = self.api.take().expect("the API server runs");
-        let mut config = self.api_config.clone();
-        config.listen = old.addr();
-        old.shutdown().await;
+        self.stop_api().await;
         tokio::time::sleep(down).await;
+        self.start_api().await;
+    }
+
+    /// Stop the API server, ending its connections and watches; its port
+    /// is kept for [`Cluster::start_api`].
+    pub async fn stop_api(&mut self) {
+        let old = self.api.take().expect("the API server runs");
+        self.api_config.listen = old.addr();
+        old.shutdown().await;
+    }
+
+    /// Start the API server again on its data directory and port.
+    pub async fn start_api(&mut self) {
+        assert!(self.api.is_none(), "the API server runs");
+        let config = self.api_config.clone();
         // The port was ours a moment ago; retry while the kernel lets go of it.
         let deadline = Instant::now() + Duration::from_secs(20);
         let api = loop {

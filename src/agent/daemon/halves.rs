@@ -117,28 +117,23 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             )
         });
         if migration_owns_qemus(status.phase) && lost {
-            let m = m.clone();
-            let message = format!(
-                "the agent on {me} restarted during the migration; the stream it carried is gone{}",
-                if role == Role::Source {
-                    " and the VM keeps running here"
-                } else {
-                    ""
-                }
-            );
+            let m = (*m).clone();
+            // One look at a time per migration.
+            if let Ok(mut halves) = agent.halves.lock() {
+                halves.insert(
+                    uid.clone(),
+                    Half {
+                        cancel: CancellationToken::new(),
+                    },
+                );
+            }
             tokio::spawn({
                 let agent = agent.clone();
                 async move {
-                    report_half(
-                        &agent,
-                        &m,
-                        role,
-                        AgentState::Failed,
-                        Some("AgentRestarted"),
-                        Some(message),
-                        None,
-                    )
-                    .await;
+                    report_lost_half(&agent, &m, role).await;
+                    if let Ok(mut halves) = agent.halves.lock() {
+                        halves.remove(&uid);
+                    }
                 }
             });
             continue;
@@ -174,6 +169,80 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             }
         });
     }
+}
+
+/// Report a half that was under way when this agent restarted, from what
+/// its adopted QEMU says. The stream died with the old agent, unless it had
+/// already completed: then a source QEMU is paused for good
+/// (`postmigrate`) and the guest runs on the target, or a target QEMU runs
+/// the guest. Reporting `AgentRestarted` then would fail a migration that
+/// succeeded: the target would stop the only running copy (the source
+/// cannot run again), or the source would resume while the target runs.
+async fn report_lost_half(agent: &Agent, m: &Migration, role: Role) {
+    use crate::agent::qmp::{Cont, QueryStatus, RunState};
+    let me = agent.config.host.as_str();
+    let name = local_name(&m.namespace().unwrap_or_default(), &m.spec.vm_name);
+    let state = match agent.vms.get(&name).await.filter(|p| p.is_alive()) {
+        Some(p) => p
+            .qmp()
+            .execute(&QueryStatus {})
+            .await
+            .ok()
+            .map(|s| s.status),
+        None => None,
+    };
+    let target = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target.as_ref())
+        .map(|r| r.state);
+    let (state, reason, message) = match (role, state) {
+        (Role::Source, Some(RunState::Postmigrate)) => match target {
+            Some(AgentState::Running) => (
+                AgentState::SwitchedOver,
+                None,
+                format!(
+                    "the transfer had completed when the agent on {me} restarted; the guest runs on the target"
+                ),
+            ),
+            Some(AgentState::Failed | AgentState::CleanedUp) => {
+                // The target lost the guest after the stream ended: the
+                // paused source is the only copy left.
+                if let Some(p) = agent.vms.get(&name).await {
+                    let _ = p.qmp().execute(&Cont {}).await;
+                }
+                (
+                    AgentState::Failed,
+                    Some("TransferFailed"),
+                    format!(
+                        "the agent on {me} restarted after the transfer and the target lost the guest; it was resumed here"
+                    ),
+                )
+            }
+            // The target has not said yet: look again on a later pass.
+            _ => return,
+        },
+        (Role::Target, Some(RunState::Running)) => (
+            AgentState::Running,
+            None,
+            format!("the guest runs on {me} (the agent restarted after the switchover)"),
+        ),
+        (Role::Source, _) => (
+            AgentState::Failed,
+            Some("AgentRestarted"),
+            format!(
+                "the agent on {me} restarted during the migration; the stream it carried is gone and the VM keeps running here"
+            ),
+        ),
+        (Role::Target, _) => (
+            AgentState::Failed,
+            Some("AgentRestarted"),
+            format!(
+                "the agent on {me} restarted during the migration; the stream it carried is gone"
+            ),
+        ),
+    };
+    report_half(agent, m, role, state, reason, Some(message), None).await;
 }
 
 /// Cancel every running half (agent shutdown).
