@@ -170,7 +170,7 @@ impl MachineSpec {
         push(&["-machine", &self.machine_type]);
         push(&[
             "-name",
-            &format!("{},process=ferry-{}", self.name, self.name),
+            &format!("{},process=ferry-{},debug-threads=on", self.name, self.name),
         ]);
         push(&["-uuid", &self.uuid.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
@@ -268,7 +268,7 @@ mod tests {
             "-accel tcg",
             "-nodefaults -nographic",
             &format!("-uuid {}", s.uuid),
-            "-name web-1,process=ferry-web-1",
+            "-name web-1,process=ferry-web-1,debug-threads=on",
             "-m 128M",
             "-pidfile /state/vms/web-1/qemu.pid",
             "socket,id=qmp,path=/state/vms/web-1/qmp.sock,server=on,wait=off",

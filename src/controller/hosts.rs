@@ -105,7 +105,7 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(), ControllerError> {
                 .await;
         }
         if phase == HostPhase::Fenced {
-            evacuate(ctx, &name).await?;
+            evacuate(ctx, &name, status.phase != HostPhase::Fenced).await?;
         }
     }
     announce_quarantines(ctx).await;
@@ -174,8 +174,10 @@ fn phase_note(from: HostPhase, to: HostPhase, silence_s: u64) -> Note {
 }
 
 /// Create an Evacuate migration for every VM of a fenced host that its
-/// resilience policy rebuilds, unless one exists.
-async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
+/// resilience policy rebuilds, unless one exists. When the host has just
+/// been fenced (`newly`), each VM the policy leaves down gets a Warning
+/// Event `NotEvacuated` naming the policy, so that no VM is left silently.
+async fn evacuate(ctx: &Ctx, host: &str, newly: bool) -> Result<(), ControllerError> {
     let migrations = ctx.migrations.state();
     for vm in ctx.vms.state() {
         let status = vm.status.clone().unwrap_or_default();
@@ -183,13 +185,26 @@ async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
             continue;
         }
         let namespace = vm.namespace().unwrap_or_default();
-        let (_, policy, _) = ctx.policy_for(Some(&vm), None);
+        let (policy_name, policy, _) = ctx.policy_for(Some(&vm), None);
         let rebuild = match policy.resilience.policy {
             ResiliencePolicy::MigrateAll => true,
             ResiliencePolicy::MigrateHighlyAvailableOnly => vm.spec.highly_available,
             ResiliencePolicy::DoNotMigrate => false,
         };
         if !rebuild {
+            if newly {
+                let note = format!(
+                    "{host} was fenced; resilience policy {:?} of MigrationPolicy {} leaves this VM down{}",
+                    policy.resilience.policy,
+                    policy_name.as_deref().unwrap_or("(built-in defaults)"),
+                    if vm.spec.highly_available {
+                        ""
+                    } else {
+                        " (it is not highlyAvailable)"
+                    }
+                );
+                left_down(ctx, &vm, note).await;
+            }
             continue;
         }
         let pending = migrations.iter().any(|m| {
@@ -266,4 +281,28 @@ async fn evacuate(ctx: &Ctx, host: &str) -> Result<(), ControllerError> {
             .await;
     }
     Ok(())
+}
+
+/// Record that a VM of a fenced host stays down (a Warning Event on the VM).
+async fn left_down(ctx: &Ctx, vm: &crate::api::VirtualMachine, note: String) {
+    use kube::Resource as _;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        ctx.client.clone(),
+        Reporter {
+            controller: "ferry-controller".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "NotEvacuated".into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Evacuate".into(),
+        secondary: None,
+    };
+    tracing::warn!(vm = %vm.name_any(), %note, "VM of a fenced host left down");
+    if let Err(e) = recorder.publish(&event, &vm.object_ref(&())).await {
+        tracing::warn!(vm = %vm.name_any(), error = %e, "publishing the NotEvacuated event failed");
+    }
 }

@@ -1,7 +1,16 @@
 //! A whole Ferry cluster in one test process: the embedded API server, the
 //! CRDs, the controller and one agent per host (loopback relay ports), with
 //! every QEMU killed on drop.
+//!
+//! The controller and each agent run on a runtime of their own, in a thread
+//! of their own ([`Component`]): killing one drops every task it spawned at
+//! once, as the death of its process would (the QEMUs, in sessions of their
+//! own, live on), and it can be started again on the same state. The API
+//! server can be stopped and started again on the same data directory and
+//! port ([`Cluster::restart_api`]).
 #![allow(dead_code)]
+
+pub mod vcpu;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,6 +55,11 @@ pub struct Options {
     pub fence_after: Duration,
     /// Run each host's fencing watchdog (in a thread of the test).
     pub watchdog: bool,
+    /// The controller's leader Lease (how long a successor waits for a
+    /// killed controller's term to lapse).
+    pub leader_lease: Duration,
+    /// The controller's retries of a drain's failed migrations.
+    pub drain_retry: ferry::core::drain::RetryPolicy,
 }
 
 impl Options {
@@ -56,7 +70,74 @@ impl Options {
             lease_duration: Duration::from_secs(10),
             fence_after: Duration::from_secs(40),
             watchdog: false,
+            leader_lease: ferry::controller::ControllerConfig::default().leader_lease,
+            drain_retry: ferry::core::drain::RetryPolicy::default(),
         }
+    }
+}
+
+/// A component (the controller, an agent) on a Tokio runtime of its own in
+/// a thread of its own. [`Component::kill`] ends the runtime: every task it
+/// spawned is dropped at its next await, no shutdown code runs — what the
+/// death of its process does to it. Dropped, it is killed.
+pub struct Component {
+    stop: CancellationToken,
+    kill: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Component {
+    /// Run `body(stop)` on a new two-thread runtime named `name`.
+    pub fn spawn<F, Fut>(name: &str, body: F) -> Component
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let (graceful, killed) = (stop.clone(), kill.clone());
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for a test component");
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = body(graceful) => {}
+                        _ = killed.cancelled() => {}
+                    }
+                });
+                runtime.shutdown_background();
+            })
+            .expect("a thread for a test component");
+        Component {
+            stop,
+            kill,
+            thread: Some(thread),
+        }
+    }
+
+    /// Ask it to stop the way it does on a signal (its own shutdown path).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// End it at once, dropping every task it spawned; returns when its
+    /// runtime is gone.
+    pub fn kill(mut self) {
+        self.kill.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.kill.cancel();
     }
 }
 
@@ -64,10 +145,13 @@ impl Options {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub api: Option<ApiServerHandle>,
+    api_config: ApiServerConfig,
     pub client: kube::Client,
     pub hosts: Vec<String>,
-    pub agents: Vec<(String, CancellationToken)>,
-    pub controller: CancellationToken,
+    agent_configs: Vec<AgentConfig>,
+    agents: std::sync::Mutex<Vec<(String, Component)>>,
+    controller: std::sync::Mutex<Option<Component>>,
+    options: Options,
 }
 
 impl Cluster {
@@ -88,6 +172,7 @@ impl Cluster {
         let mut config = ApiServerConfig::new(dir.path().join("api"));
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.agents = hosts.iter().map(|h| h.to_string()).collect();
+        let api_config = config.clone();
         let api = ferry::apiserver::start(config).await.unwrap();
         let client = api.admin_client().await.unwrap();
         install_crds(&client).await;
@@ -105,6 +190,7 @@ impl Cluster {
         }
         let ca = ClusterCa::generate("ferry test CA").unwrap();
         let mut agents = Vec::new();
+        let mut agent_configs = Vec::new();
         for host in hosts {
             let pki_dir = dir.path().join(host).join("pki");
             ca.issue_host(host).unwrap().save(&pki_dir).unwrap();
@@ -137,35 +223,20 @@ impl Cluster {
                 ferry::agent::daemon::watchdog::touch(&state_dir, options.fence_after).unwrap();
                 std::thread::spawn(move || ferry::agent::daemon::watchdog::run(&state_dir));
             }
-            let token = CancellationToken::new();
-            let agent_client = client.clone();
-            let stop = token.clone();
-            tokio::spawn(async move {
-                if let Err(e) = ferry::agent::daemon::run(config, agent_client, stop).await {
-                    panic!("agent failed: {e}");
-                }
-            });
-            agents.push((host.to_string(), token));
+            agents.push((host.to_string(), start_agent(&config, &client)));
+            agent_configs.push(config);
         }
-        let controller = CancellationToken::new();
-        let stop = controller.clone();
-        let controller_client = client.clone();
-        tokio::spawn(async move {
-            let config = ferry::controller::ControllerConfig {
-                lease_duration: options.lease_duration,
-                ..ferry::controller::ControllerConfig::default()
-            };
-            ferry::controller::run(controller_client, config, stop)
-                .await
-                .unwrap();
-        });
+        let controller = start_controller(&options, &client);
         let cluster = Cluster {
             dir,
             api: Some(api),
+            api_config,
             client,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            agents,
-            controller,
+            agent_configs,
+            agents: std::sync::Mutex::new(agents),
+            controller: std::sync::Mutex::new(Some(controller)),
+            options: options.clone(),
         };
         let hosts_api: Api<ferry::api::Host> = Api::all(cluster.client.clone());
         wait_for(Duration::from_secs(30), || async {
@@ -189,11 +260,78 @@ impl Cluster {
     /// Stop a host's agent the way a crash does: its QEMUs keep running, its
     /// Lease is no longer renewed (its watchdog, if any, goes on).
     pub fn kill_agent(&self, host: &str) {
-        for (h, token) in &self.agents {
-            if h == host {
-                token.cancel();
-            }
+        let mut agents = self.agents.lock().unwrap();
+        if let Some(i) = agents.iter().position(|(h, _)| h == host) {
+            agents.remove(i).1.kill();
         }
+    }
+
+    /// Start a host's agent again (after [`Cluster::kill_agent`]) with the
+    /// same configuration and state directory: it adopts the QEMUs it finds.
+    pub fn restart_agent(&self, host: &str) {
+        let config = self
+            .agent_configs
+            .iter()
+            .find(|c| c.host == host)
+            .unwrap_or_else(|| panic!("no agent for {host}"));
+        let mut agents = self.agents.lock().unwrap();
+        assert!(
+            agents.iter().all(|(h, _)| h != host),
+            "the agent of {host} still runs"
+        );
+        agents.push((host.to_string(), start_agent(config, &self.client)));
+    }
+
+    /// Kill the controller (no graceful shutdown: its leader Lease is left
+    /// to lapse).
+    pub fn kill_controller(&self) {
+        if let Some(c) = self.controller.lock().unwrap().take() {
+            c.kill();
+        }
+    }
+
+    /// Start a new controller (a new identity) after
+    /// [`Cluster::kill_controller`]; it leads once the old term lapses.
+    pub fn restart_controller(&self) {
+        let mut controller = self.controller.lock().unwrap();
+        assert!(controller.is_none(), "the controller still runs");
+        *controller = Some(start_controller(&self.options, &self.client));
+    }
+
+    /// Stop the API server (ending its connections and watches) and start it
+    /// again on the same data directory and port after `down`; every client
+    /// reconnects.
+    pub async fn restart_api(&mut self, down: Duration) {
+        self.stop_api().await;
+        tokio::time::sleep(down).await;
+        self.start_api().await;
+    }
+
+    /// Stop the API server, ending its connections and watches; its port
+    /// is kept for [`Cluster::start_api`].
+    pub async fn stop_api(&mut self) {
+        let old = self.api.take().expect("the API server runs");
+        self.api_config.listen = old.addr();
+        old.shutdown().await;
+    }
+
+    /// Start the API server again on its data directory and port.
+    pub async fn start_api(&mut self) {
+        assert!(self.api.is_none(), "the API server runs");
+        let config = self.api_config.clone();
+        // The port was ours a moment ago; retry while the kernel lets go of it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let api = loop {
+            match ferry::apiserver::start(config.clone()).await {
+                Ok(api) => break api,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restarting the API server: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the API server does not start again: {e}"),
+            }
+        };
+        self.api = Some(api);
     }
 
     /// A host's agent state directory.
@@ -223,11 +361,37 @@ impl Cluster {
     }
 }
 
+/// Run an agent as a [`Component`].
+fn start_agent(config: &AgentConfig, client: &kube::Client) -> Component {
+    let (config, client) = (config.clone(), client.clone());
+    Component::spawn(&format!("agent-{}", config.host), move |stop| async move {
+        if let Err(e) = ferry::agent::daemon::run(config, client, stop).await {
+            panic!("agent failed: {e}");
+        }
+    })
+}
+
+/// Run a controller (a fresh identity) as a [`Component`].
+fn start_controller(options: &Options, client: &kube::Client) -> Component {
+    let config = ferry::controller::ControllerConfig {
+        lease_duration: options.lease_duration,
+        leader_lease: options.leader_lease,
+        drain_retry: options.drain_retry,
+        ..ferry::controller::ControllerConfig::default()
+    };
+    let client = client.clone();
+    Component::spawn("controller", move |stop| async move {
+        ferry::controller::run(client, config, stop).await.unwrap();
+    })
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.controller.cancel();
-        for (_, token) in &self.agents {
-            token.cancel();
+        if let Ok(mut c) = self.controller.lock() {
+            c.take();
+        }
+        if let Ok(mut agents) = self.agents.lock() {
+            agents.clear();
         }
         for host in self.hosts.clone() {
             let _ = ferry::agent::daemon::watchdog::stand_down(&self.state_dir(&host));

@@ -21,12 +21,13 @@
 //! A half that was under way when the agent restarted cannot be resumed
 //! (its relay died with the agent, and QEMU failed the stream): it is
 //! reported `Failed` with reason `AgentRestarted`, and the VM keeps running
-//! on the source. Which QEMUs belong to a migration is derived from the
+//! on the source — unless its adopted QEMU shows the transfer had completed
+//! (`report_lost_half`). Which QEMUs belong to a migration is derived from the
 //! Migrations (see [`super::Agent::reserved`]); the VM plan cleans up what
 //! is left once the migration is final.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -40,9 +41,14 @@ use crate::api::{Migration, MigrationPhase, MigrationPolicy, MigrationType};
 use crate::core::convergence;
 use crate::core::policy::{self as core_policy, EffectivePolicy, PolicySource};
 
+use super::plan::local_name;
 use super::source_half::source_half;
 use super::target_half::target_half;
 use super::{Agent, migration_owns_qemus};
+
+/// How long a report the API server could not take is retried: longer than
+/// a restart of the API server, within a Migration's deadlines.
+const REPORT_RETRY: Duration = Duration::from_secs(120);
 
 /// A running half.
 pub struct Half {
@@ -110,28 +116,23 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             )
         });
         if migration_owns_qemus(status.phase) && lost {
-            let m = m.clone();
-            let message = format!(
-                "the agent on {me} restarted during the migration; the stream it carried is gone{}",
-                if role == Role::Source {
-                    " and the VM keeps running here"
-                } else {
-                    ""
-                }
-            );
+            let m = (*m).clone();
+            // One look at a time per migration.
+            if let Ok(mut halves) = agent.halves.lock() {
+                halves.insert(
+                    uid.clone(),
+                    Half {
+                        cancel: CancellationToken::new(),
+                    },
+                );
+            }
             tokio::spawn({
                 let agent = agent.clone();
                 async move {
-                    report_half(
-                        &agent,
-                        &m,
-                        role,
-                        AgentState::Failed,
-                        Some("AgentRestarted"),
-                        Some(message),
-                        None,
-                    )
-                    .await;
+                    report_lost_half(&agent, &m, role).await;
+                    if let Ok(mut halves) = agent.halves.lock() {
+                        halves.remove(&uid);
+                    }
                 }
             });
             continue;
@@ -167,6 +168,80 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             }
         });
     }
+}
+
+/// Report a half that was under way when this agent restarted, from what
+/// its adopted QEMU says. The stream died with the old agent, unless it had
+/// already completed: then a source QEMU is paused for good
+/// (`postmigrate`) and the guest runs on the target, or a target QEMU runs
+/// the guest. Reporting `AgentRestarted` then would fail a migration that
+/// succeeded: the target would stop the only running copy (the source
+/// cannot run again), or the source would resume while the target runs.
+async fn report_lost_half(agent: &Agent, m: &Migration, role: Role) {
+    use crate::agent::qmp::{Cont, QueryStatus, RunState};
+    let me = agent.config.host.as_str();
+    let name = local_name(&m.namespace().unwrap_or_default(), &m.spec.vm_name);
+    let state = match agent.vms.get(&name).await.filter(|p| p.is_alive()) {
+        Some(p) => p
+            .qmp()
+            .execute(&QueryStatus {})
+            .await
+            .ok()
+            .map(|s| s.status),
+        None => None,
+    };
+    let target = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target.as_ref())
+        .map(|r| r.state);
+    let (state, reason, message) = match (role, state) {
+        (Role::Source, Some(RunState::Postmigrate)) => match target {
+            Some(AgentState::Running) => (
+                AgentState::SwitchedOver,
+                None,
+                format!(
+                    "the transfer had completed when the agent on {me} restarted; the guest runs on the target"
+                ),
+            ),
+            Some(AgentState::Failed | AgentState::CleanedUp) => {
+                // The target lost the guest after the stream ended: the
+                // paused source is the only copy left.
+                if let Some(p) = agent.vms.get(&name).await {
+                    let _ = p.qmp().execute(&Cont {}).await;
+                }
+                (
+                    AgentState::Failed,
+                    Some("TransferFailed"),
+                    format!(
+                        "the agent on {me} restarted after the transfer and the target lost the guest; it was resumed here"
+                    ),
+                )
+            }
+            // The target has not said yet: look again on a later pass.
+            _ => return,
+        },
+        (Role::Target, Some(RunState::Running)) => (
+            AgentState::Running,
+            None,
+            format!("the guest runs on {me} (the agent restarted after the switchover)"),
+        ),
+        (Role::Source, _) => (
+            AgentState::Failed,
+            Some("AgentRestarted"),
+            format!(
+                "the agent on {me} restarted during the migration; the stream it carried is gone and the VM keeps running here"
+            ),
+        ),
+        (Role::Target, _) => (
+            AgentState::Failed,
+            Some("AgentRestarted"),
+            format!(
+                "the agent on {me} restarted during the migration; the stream it carried is gone"
+            ),
+        ),
+    };
+    report_half(agent, m, role, state, reason, Some(message), None).await;
 }
 
 /// Cancel every running half (agent shutdown).
@@ -245,15 +320,40 @@ pub(super) async fn report_with(
     let api: Api<Migration> =
         Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
     let patch = serde_json::json!({ "status": status });
-    if let Err(e) = api
-        .patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed");
+    // A report lost to an API server restarting would leave the other half
+    // and the controller waiting on a state this half has left: retry what
+    // can succeed later, for a while.
+    let deadline = Instant::now() + REPORT_RETRY;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let result = api
+            .patch_status(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+        match result {
+            Ok(_) => return,
+            Err(e) if report_retryable(&e) && Instant::now() + pause < deadline => {
+                tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(migration = %m.name_any(), error = %e, "reporting the migration half failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a failed report can succeed later: the API server was
+/// unreachable or overloaded, not a refusal of the report itself.
+fn report_retryable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        _ => true,
     }
 }
 

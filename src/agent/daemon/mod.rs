@@ -339,6 +339,8 @@ pub async fn run(
     let mut publisher = host::HostPublisher::new(&client, qemu_version);
     let mut beat = tokio::time::interval(config.renew_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether a renewal of this run has touched the heartbeat yet.
+    let mut renewed = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -348,8 +350,9 @@ pub async fn run(
                 let sent = std::time::SystemTime::now();
                 match publisher.renew(&config).await {
                     Ok(()) => {
-                        if let Err(e) = watchdog::touch_at(&config.state_dir, config.fence_after, sent) {
-                            tracing::error!(error = %e, "cannot write the fencing heartbeat");
+                        match watchdog::touch_at(&config.state_dir, config.fence_after, sent) {
+                            Ok(()) => renewed = true,
+                            Err(e) => tracing::error!(error = %e, "cannot write the fencing heartbeat"),
                         }
                         let running = vmloop::running_resources(&agent).await;
                         if let Err(e) = publisher.refresh(&config, &running).await {
@@ -360,6 +363,12 @@ pub async fn run(
                 }
             }
             _ = wake_rx.recv() => {}
+        }
+        // An agent back on a host its watchdog is fencing (silent for
+        // fenceAfter) would see whatever it starts killed: start nothing
+        // until a renewal has told the watchdog the host lives.
+        if !renewed {
+            continue;
         }
         vmloop::reconcile(&agent).await;
         halves::reconcile(&agent).await;

@@ -400,7 +400,8 @@ async fn start(args: &UpArgs, layout: &Layout, running: &mut Running) -> Result<
             ns.as_deref(),
             host_dir.join("agent.log"),
             &host_dir.join("agent.pid"),
-        )?;
+        )?
+        .restart(children::Restart::WhileWatchdogRuns(state_dir));
         running.children.push(child);
     }
 
@@ -466,7 +467,8 @@ fn start_controller(
         None,
         layout.dir.join("controller.log"),
         &layout.dir.join("controller.pid"),
-    )?;
+    )?
+    .restart(children::Restart::Always);
     running.children.push(child);
     Ok(())
 }
@@ -480,26 +482,10 @@ async fn free_loopback_port() -> Result<SocketAddr, UpError> {
         .map_err(|source| UpError::PortTaken { addr: any, source })
 }
 
-/// Report children that end while `ferry up` runs (they are not restarted:
-/// a dead agent is a failed host), until shutdown.
+/// Report children that end while `ferry up` runs and start them again
+/// ([`children::supervise`]), until shutdown.
 async fn supervise(running: &mut Running, shutdown: &CancellationToken) {
-    let mut reported = vec![false; running.children.len()];
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        for (child, seen) in running.children.iter_mut().zip(reported.iter_mut()) {
-            if !*seen && let Some(status) = child.exited() {
-                *seen = true;
-                eprintln!(
-                    "ferry up: {} exited ({status}); see {}",
-                    child.what,
-                    child.log.display()
-                );
-            }
-        }
-    }
+    children::supervise(&mut running.children, shutdown).await;
 }
 
 fn print_banner(
