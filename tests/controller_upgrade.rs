@@ -15,7 +15,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use ferry::api::maintenance::MaintenancePhase;
-use ferry::api::{Host, HostMaintenance, Migration, MigrationPhase};
+use ferry::api::{Host, HostMaintenance, HostPhase, Migration, MigrationPhase};
 
 async fn set_version(cluster: &Cluster, host: &str, version: &str) {
     Api::<Host>::all(cluster.client.clone())
@@ -147,12 +147,15 @@ async fn an_upgrade_drain_moves_vms_only_to_same_or_newer_hosts_and_never_back()
         .await
         .unwrap();
     set_version(&cluster, "h0", "1.10.0").await;
-    within(60, "h0 is schedulable again", || async {
+    // Back in service once schedulable and Active again (the maintenance's
+    // finalizer clears the first, the host health pass the second).
+    within(60, "h0 is schedulable and Active again", || async {
         let h = Api::<Host>::all(cluster.client.clone())
             .get("h0")
             .await
             .ok()?;
-        (!h.spec.unschedulable).then_some(())
+        let active = h.status.is_some_and(|s| s.phase == HostPhase::Active);
+        (!h.spec.unschedulable && active).then_some(())
     })
     .await;
     Api::<HostMaintenance>::all(cluster.client.clone())
