@@ -205,13 +205,22 @@ async fn post_copy_recovers_when_the_relay_connection_is_killed() {
             .is_some_and(|t| t.post_copy.is_some()),
         "{done:#?}"
     );
-    // In post-copy QEMU counts the whole post-copy phase (and here the
-    // recovery) as downtime, while the guest ran on the target: the real
-    // pause is the switch alone.
-    let (pause, downtime) = (done.pause_ms.unwrap(), done.downtime_ms.unwrap());
+    // The real pause is the switch alone: shorter than the post-copy phase
+    // that followed it, which here holds the broken connection and the
+    // recovery while the guest ran on the target. (QEMU's own `downtime`
+    // says nothing here: after a recovery it was 1 ms against a 53 ms pause.)
+    let pause = done.pause_ms.unwrap();
+    let t = done.timestamps.as_ref().unwrap();
+    let post_copy_ms = t
+        .completed
+        .as_ref()
+        .unwrap()
+        .0
+        .duration_since(t.post_copy.as_ref().unwrap().0)
+        .as_millis();
     assert!(
-        pause <= downtime,
-        "pause {pause} ms, downtime {downtime} ms"
+        pause > 0 && i128::from(pause) < post_copy_ms,
+        "pause {pause} ms, post-copy phase {post_copy_ms} ms: {done:#?}"
     );
     verify_on(&cluster, &target, "busy").await;
     runs_only_on(&cluster, &target).await;
