@@ -360,3 +360,99 @@ async fn killing_the_target_agent_mid_transfer_keeps_the_guest_on_the_source() {
     // The restarted target agent leaves nothing behind on its host.
     still_on(&c, &source, pid).await;
 }
+
+/// A guest rewriting its memory faster than a 4 MiB/s link under the
+/// PostCopy policy: pre-copy cannot finish, the guest switches to the
+/// target, and post-copy pulls the rest at 4 MiB/s — seconds in which the
+/// guest's memory is split between the two hosts. Returns (source, target)
+/// once the source reports post-copy.
+async fn start_postcopy_migration(c: &ProcessCluster) -> (String, String) {
+    let policies: Api<MigrationPolicy> = Api::all(c.client.clone());
+    let policy: MigrationPolicy = serde_yaml::from_str(
+        "apiVersion: ferry.dev/v1alpha1\nkind: MigrationPolicy\nmetadata: {name: postcopy}\n\
+         spec: {convergence: {mode: PostCopy, downtimeLimit: 50ms, progressTimeout: 30s, completionTimeoutPerGiB: 3000s}, \
+         bandwidth: {mode: Custom, limit: 4Mi}}\n",
+    )
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<VirtualMachine> = Api::namespaced(c.client.clone(), "default");
+    let vm: VirtualMachine = serde_yaml::from_str(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: busy, namespace: default}\n\
+         spec: {memory: 64Mi, boot: {memtest: {fillMib: 48, dirtyRateMib: 32}}}\n",
+    )
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap();
+    let source = wait_for(Duration::from_secs(60), || async {
+        let s = vms.get("busy").await.ok()?.status?;
+        (s.phase == VmPhase::Running).then_some(s.host?)
+    })
+    .await
+    .expect("the VM runs");
+    let target = HOSTS.iter().find(|h| **h != source).unwrap().to_string();
+    let migrations: Api<Migration> = Api::namespaced(c.client.clone(), "default");
+    let m: Migration = serde_yaml::from_str(&format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: move-busy, namespace: default}}\n\
+         spec: {{vmName: busy, targetHost: {target}, policy: postcopy}}\n"
+    ))
+    .unwrap();
+    migrations.create(&PostParams::default(), &m).await.unwrap();
+    wait_for(Duration::from_secs(120), || async {
+        let s = migrations.get("move-busy").await.ok()?.status?;
+        (s.source?.state == AgentState::PostCopyActive).then_some(())
+    })
+    .await
+    .expect("the migration switches to post-copy");
+    (source, target)
+}
+
+/// Killing `victim`'s agent in post-copy and starting it again: the
+/// restarted agent takes its half up from its adopted QEMU, the stream
+/// resumes, and the guest ends on the target only, memory intact.
+async fn agent_killed_in_post_copy(victim_is_source: bool) {
+    let mut c = ProcessCluster::start().await;
+    let (source, target) = start_postcopy_migration(&c).await;
+    let victim = if victim_is_source { &source } else { &target };
+    c.kill_agent(victim);
+    // Both QEMUs wait in postcopy-paused meanwhile: the guest runs on the
+    // target, missing the pages still on the source.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.start_agent(victim);
+    let done = wait_failed(&c).await;
+    let log = c.agent_log(victim);
+    assert_eq!(
+        done.phase,
+        MigrationPhase::Succeeded,
+        "{done:#?}\n{victim}'s agent: {}",
+        tail(&log)
+    );
+    assert!(
+        log.contains("the agent restarted during post-copy"),
+        "{}",
+        tail(&log)
+    );
+    let rounds = done.source.as_ref().and_then(|s| s.recovery);
+    assert!(rounds.is_some_and(|r| r >= 1), "{done:#?}");
+    eprintln!(
+        "{} agent killed in post-copy: recovery rounds {rounds:?}: {}",
+        if victim_is_source { "source" } else { "target" },
+        done.message.clone().unwrap_or_default()
+    );
+    let pid = *c
+        .running_qemus(&target)
+        .first()
+        .expect("the guest's QEMU on the target");
+    still_on(&c, &target, pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_source_agent_killed_in_post_copy_resumes_the_stream_when_it_restarts() {
+    agent_killed_in_post_copy(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_target_agent_killed_in_post_copy_serves_the_recovery_when_it_restarts() {
+    agent_killed_in_post_copy(false).await;
+}

@@ -22,7 +22,8 @@
 //! (its relay died with the agent, and QEMU failed the stream): it is
 //! reported `Failed` with reason `AgentRestarted`, and the VM keeps running
 //! on the source — unless its adopted QEMU shows the transfer had completed
-//! (`report_lost_half`). Which QEMUs belong to a migration is derived from the
+//! (`report_lost_half`), or is in post-copy: then the half is taken up
+//! again and recovers the stream (`adopt_lost_half`). Which QEMUs belong to a migration is derived from the
 //! Migrations (see [`super::Agent::reserved`]); the VM plan cleans up what
 //! is left once the migration is final.
 
@@ -35,13 +36,17 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::migrate::{Bandwidth, MigrationConfig, Throttle};
+use crate::agent::migrate::{Bandwidth, MigrationConfig, TargetHandle, Throttle};
+use crate::agent::qemu::QemuProcess;
+use crate::agent::qmp::{MigratePause, MigrationStatus, QueryMigrate};
+use crate::agent::relay::MigrationRef;
 use crate::api::migration::{AgentReport, AgentState};
 use crate::api::{Migration, MigrationPhase, MigrationPolicy, MigrationType};
 use crate::core::convergence;
 use crate::core::policy::{self as core_policy, EffectivePolicy, PolicySource};
 
 use super::plan::local_name;
+use super::recovery;
 use super::source_half::source_half;
 use super::target_half::target_half;
 use super::{Agent, migration_owns_qemus};
@@ -113,23 +118,30 @@ pub async fn reconcile(agent: &Arc<Agent>) {
                     | AgentState::Ready
                     | AgentState::Transferring
                     | AgentState::PostCopyActive
-            )
+            ) || (role == Role::Target
+                && r.state == AgentState::Running
+                && status.phase == MigrationPhase::PostCopy)
         });
         if migration_owns_qemus(status.phase) && lost {
             let m = (*m).clone();
             // One look at a time per migration.
+            let cancel = CancellationToken::new();
             if let Ok(mut halves) = agent.halves.lock() {
                 halves.insert(
                     uid.clone(),
                     Half {
-                        cancel: CancellationToken::new(),
+                        cancel: cancel.clone(),
                     },
                 );
             }
             tokio::spawn({
                 let agent = agent.clone();
                 async move {
-                    report_lost_half(&agent, &m, role).await;
+                    if adopt_lost_half(&agent, &m, role, &cancel).await
+                        && let Ok(mut finished) = agent.finished.lock()
+                    {
+                        finished.insert(uid.clone());
+                    }
                     if let Ok(mut halves) = agent.halves.lock() {
                         halves.remove(&uid);
                     }
@@ -158,7 +170,7 @@ pub async fn reconcile(agent: &Arc<Agent>) {
         tokio::spawn(async move {
             match role {
                 Role::Target => target_half(&agent, &m, &cancel).await,
-                Role::Source => source_half(&agent, &m, &cancel).await,
+                Role::Source => source_half(&agent, &m, &cancel, None).await,
             }
             if let Ok(mut finished) = agent.finished.lock() {
                 finished.insert(uid.clone());
@@ -168,6 +180,80 @@ pub async fn reconcile(agent: &Arc<Agent>) {
             }
         });
     }
+}
+
+/// A half that was under way when this agent restarted. A QEMU in
+/// post-copy is taken up again: the guest runs on the target on pages the
+/// source still holds, so giving up would lose the VM; the source resumes
+/// the stream through recovery rounds and the target serves them, as when
+/// only the connection broke. Anything else is reported from what QEMU
+/// says ([`report_lost_half`]). Returns whether the half was taken up (and
+/// has now ended).
+async fn adopt_lost_half(
+    agent: &Agent,
+    m: &Migration,
+    role: Role,
+    cancel: &CancellationToken,
+) -> bool {
+    let me = agent.config.host.clone();
+    let namespace = m.namespace().unwrap_or_default();
+    let name = local_name(&namespace, &m.spec.vm_name);
+    let vm = agent.vms.get(&name).await.filter(|p| p.is_alive());
+    let postcopy = match &vm {
+        Some(p) => postcopy_status(p).await,
+        None => None,
+    };
+    let (Some(vm), Some(state)) = (vm, postcopy) else {
+        report_lost_half(agent, m, role).await;
+        return false;
+    };
+    tracing::warn!(migration = %m.name_any(), ?role, ?state, "the agent restarted during post-copy; taking the half up again");
+    match role {
+        Role::Source => {
+            if state == MigrationStatus::PostcopyActive {
+                // Still writing into a dead socket: pause, so that the
+                // stream can resume.
+                let _ = vm.qmp().execute(&MigratePause {}).await;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline
+                    && postcopy_status(&vm).await != Some(MigrationStatus::PostcopyPaused)
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            let why = format!("the agent on {me} restarted during post-copy");
+            source_half(agent, m, cancel, Some(why)).await;
+        }
+        Role::Target => {
+            let Some(uid) = m.uid() else { return false };
+            let status = m.status.clone().unwrap_or_default();
+            let source_host = status.source_host.unwrap_or_default();
+            let served = status.target.and_then(|t| t.recovery).unwrap_or(0);
+            let migration = MigrationRef {
+                namespace,
+                name: m.name_any(),
+                uid: uid.clone(),
+            };
+            let handle = TargetHandle::adopt(vm);
+            recovery::serve_target(agent, m, &handle, &migration, &source_host, served, cancel)
+                .await;
+            agent.table.remove(&uid);
+        }
+    }
+    true
+}
+
+/// The QEMU's migration status when it is in post-copy.
+async fn postcopy_status(vm: &QemuProcess) -> Option<MigrationStatus> {
+    let status = vm.qmp().execute(&QueryMigrate {}).await.ok()?.status?;
+    matches!(
+        status,
+        MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::PostcopyRecover
+    )
+    .then_some(status)
 }
 
 /// Report a half that was under way when this agent restarted, from what

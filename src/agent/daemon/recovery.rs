@@ -44,6 +44,7 @@ use crate::core::policy::ConvergenceConfig;
 
 use super::error_chain as chain;
 use super::halves::{Role, current, report_half, report_with};
+use super::source_half::target_endpoint;
 use super::{Agent, migration_owns_qemus};
 
 /// Recovery rounds tried before the migration fails.
@@ -68,6 +69,10 @@ pub(super) struct SourceRecovery<'a> {
     pub(super) relay_config: &'a SourceRelayConfig,
     pub(super) config: &'a MigrationConfig,
     pub(super) limit: Duration,
+    /// Rounds asked for before this run (by an agent that has since
+    /// restarted): this run's rounds are numbered after them, so that the
+    /// target's answer to an old round is not taken for a new one.
+    pub(super) rounds_before: u32,
 }
 
 /// Whether the target is ready for a round.
@@ -89,11 +94,11 @@ impl SourceRecovery<'_> {
         abort: &CancellationToken,
     ) -> Result<SourceCompleted, MigrationError> {
         let began = Instant::now();
-        let mut round = 0u32;
+        let mut round = self.rounds_before;
         loop {
-            if round >= MAX_ROUNDS || began.elapsed() >= self.limit {
+            if round - self.rounds_before >= MAX_ROUNDS || began.elapsed() >= self.limit {
                 return Err(MigrationError::PostcopyRecoveryFailed {
-                    rounds: round,
+                    rounds: round - self.rounds_before,
                     within: began.elapsed(),
                     why,
                 });
@@ -109,7 +114,7 @@ impl SourceRecovery<'_> {
                 Ready::Yes => {}
                 Ready::Gone(message) => {
                     return Err(MigrationError::PostcopyRecoveryFailed {
-                        rounds: round,
+                        rounds: round - self.rounds_before,
                         within: began.elapsed(),
                         why: message,
                     });
@@ -127,6 +132,10 @@ impl SourceRecovery<'_> {
             cfg.socket_path = cfg
                 .socket_path
                 .with_file_name(format!("outgoing-r{round}.sock"));
+            // A target agent that restarted may listen elsewhere now.
+            if let Some(addr) = target_endpoint(self.agent, &cfg.target_host).await {
+                cfg.target_addr = addr;
+            }
             match SourceRelay::start(cfg).await {
                 Ok(fresh) => *relay = fresh,
                 Err(e) => {
@@ -157,7 +166,7 @@ impl SourceRecovery<'_> {
             state: AgentState::PostCopyActive,
             reason: None,
             message: Some(format!(
-                "the post-copy stream broke ({why}); recovery round {round} of at most {MAX_ROUNDS}"
+                "the post-copy stream broke ({why}); recovery round {round} (at most {MAX_ROUNDS} in a row)"
             )),
             time: Some(Time(Timestamp::now())),
             last_progress: None,
@@ -212,16 +221,17 @@ fn relay_name(cfg: &SourceRelayConfig) -> String {
 }
 
 /// The target's side: until the migration is final, answer each recovery
-/// round the source asks for by listening anew.
+/// round the source asks for by listening anew. `served`: the rounds
+/// answered before (by this agent before it restarted).
 pub(super) async fn serve_target(
     agent: &Agent,
     m: &Migration,
     handle: &TargetHandle,
     migration: &MigrationRef,
     source_host: &str,
+    mut served: u32,
     cancel: &CancellationToken,
 ) {
-    let mut served = 0u32;
     loop {
         let Some(now) = current(agent, m) else { return };
         let status = now.status.clone().unwrap_or_default();

@@ -3,6 +3,7 @@
 //! recover a broken post-copy stream, report the switchover with QEMU's
 //! downtime and the real pause).
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +50,32 @@ fn ceil_ms(d: Duration) -> u64 {
     u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
-pub(super) async fn source_half(agent: &Agent, m: &Migration, cancel: &CancellationToken) {
+/// Where `host`'s agent accepts migration streams now (its Host's
+/// `migrationEndpoint`, resolved).
+pub(super) async fn target_endpoint(agent: &Agent, host: &str) -> Option<SocketAddr> {
+    let endpoint = match Api::<Host>::all(agent.client.clone()).get(host).await {
+        Ok(h) => h.spec.migration_endpoint.clone()?,
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "reading the target host");
+            return None;
+        }
+    };
+    tokio::net::lookup_host(endpoint.as_str())
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+}
+
+/// The source half. `adopted_postcopy`: this agent restarted while its
+/// QEMU was in post-copy (the stream gone with the old agent's relay, the
+/// guest running on the target on pages still here); the half then goes
+/// straight to recovery, with why the stream broke.
+pub(super) async fn source_half(
+    agent: &Agent,
+    m: &Migration,
+    cancel: &CancellationToken,
+    adopted_postcopy: Option<String>,
+) {
     let namespace = m.namespace().unwrap_or_default();
     let name = local_name(&namespace, &m.spec.vm_name);
     let Some(vm) = agent.vms.get(&name).await.filter(|p| p.is_alive()) else {
@@ -115,24 +141,7 @@ pub(super) async fn source_half(agent: &Agent, m: &Migration, cancel: &Cancellat
         .as_ref()
         .and_then(|s| s.target_host.clone())
         .unwrap_or_default();
-    let endpoint = match Api::<Host>::all(agent.client.clone())
-        .get(&target_host)
-        .await
-    {
-        Ok(h) => h.spec.migration_endpoint.clone(),
-        Err(e) => {
-            tracing::warn!(host = %target_host, error = %e, "reading the target host");
-            None
-        }
-    };
-    let target_addr = match endpoint {
-        Some(ep) => tokio::net::lookup_host(ep.as_str())
-            .await
-            .ok()
-            .and_then(|mut a| a.next()),
-        None => None,
-    };
-    let Some(target_addr) = target_addr else {
+    let Some(target_addr) = target_endpoint(agent, &target_host).await else {
         let message = format!("host {target_host} has no reachable migration endpoint");
         report_half(
             agent,
@@ -183,16 +192,18 @@ pub(super) async fn source_half(agent: &Agent, m: &Migration, cancel: &Cancellat
         }
     };
     let started = Timestamp::now();
-    report_half(
-        agent,
-        m,
-        Role::Source,
-        AgentState::Transferring,
-        None,
-        None,
-        None,
-    )
-    .await;
+    if adopted_postcopy.is_none() {
+        report_half(
+            agent,
+            m,
+            Role::Source,
+            AgentState::Transferring,
+            None,
+            None,
+            None,
+        )
+        .await;
+    }
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let mut policy_hook = CoreConvergence {
@@ -233,15 +244,26 @@ pub(super) async fn source_half(agent: &Agent, m: &Migration, cancel: &Cancellat
         })
     };
     let mut relay = relay;
-    let mut result = migrate::run_source(
-        &vm,
-        &relay,
-        &config,
-        &mut policy_hook,
-        &mut observer,
-        &abort,
-    )
-    .await;
+    let rounds_before = m
+        .status
+        .as_ref()
+        .and_then(|s| s.source.as_ref())
+        .and_then(|r| r.recovery)
+        .unwrap_or(0);
+    let mut result = match adopted_postcopy {
+        Some(why) => Err(MigrationError::PostcopyPaused { why }),
+        None => {
+            migrate::run_source(
+                &vm,
+                &relay,
+                &config,
+                &mut policy_hook,
+                &mut observer,
+                &abort,
+            )
+            .await
+        }
+    };
     if let Err(MigrationError::PostcopyPaused { why }) = &result {
         // The guest runs on the target and the stream broke: resume it over
         // a new relay connection, within the policy's limits.
@@ -252,6 +274,7 @@ pub(super) async fn source_half(agent: &Agent, m: &Migration, cancel: &Cancellat
             relay_config: &relay_config,
             config: &config,
             limit: recovery::limit(&policy.convergence, config.stall_timeout),
+            rounds_before,
         };
         result = rounds
             .run(

@@ -164,7 +164,7 @@ pub(super) async fn target_half(agent: &Agent, m: &Migration, cancel: &Cancellat
             report_with(agent, m, Role::Target, report, None).await;
             // Keep the relay entry until the migration is final, and serve
             // the source's post-copy recovery rounds through it.
-            recovery::serve_target(agent, m, &handle, &migration, &source_host, cancel).await;
+            recovery::serve_target(agent, m, &handle, &migration, &source_host, 0, cancel).await;
         }
         Some(Err(e)) => {
             let expected = current(agent, m).is_some_and(|m| abort_wanted(&m));

@@ -83,6 +83,12 @@ pub async fn prepare_target(
 }
 
 impl TargetHandle {
+    /// The handle of a target QEMU adopted after an agent restart (its
+    /// incoming migration already under way, e.g. in post-copy).
+    pub fn adopt(vm: Arc<QemuProcess>) -> TargetHandle {
+        TargetHandle { vm }
+    }
+
     /// The socket the target relay delivers to.
     pub fn incoming_socket(&self) -> std::path::PathBuf {
         self.vm.dir().incoming_socket()
