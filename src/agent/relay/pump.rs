@@ -61,7 +61,26 @@ where
     };
     let mut buf = vec![0u8; chunk];
     loop {
-        let n = r.read(&mut buf).await.map_err(read_err)?;
+        // While waiting for the sender, push out what the writer still
+        // holds: a TLS writer keeps records queued when the socket was
+        // full and sends them only when driven again. Without this the
+        // last records of the guest's final state waited for the next
+        // write — after the source QEMU has gone quiet — and the target
+        // could not run the guest before it had them. A read that becomes
+        // ready first ends the flush (it resumes on the next wait).
+        let n = {
+            let read = r.read(&mut buf);
+            tokio::pin!(read);
+            tokio::select! {
+                biased;
+                n = &mut read => n,
+                flushed = w.flush() => {
+                    flushed.map_err(write_err)?;
+                    read.await
+                }
+            }
+        }
+        .map_err(read_err)?;
         if n == 0 {
             // Pass the end of stream on; the peer may already be gone.
             let _ = w.shutdown().await;
