@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench apiserver` prints: create, update and get
 //! throughput; watch delivery latency (write acknowledged → event received)
-//! p50/p99; list of 10,000 objects; resident memory with 10,000
+//! p50/p99; list of 1,000 / 3,000 / 10,000 objects; resident memory with as many
 //! VirtualMachines (Ferry's CRD and example object).
 
 use std::collections::HashMap;
@@ -191,33 +191,67 @@ async fn main() {
         &std::fs::read_to_string(format!("{root}/examples/vm-memtest.yaml")).unwrap(),
     )
     .unwrap();
+    // Grown in steps to see whether list time and memory grow linearly:
+    // at each size, resident memory (before listing) and the median of 3
+    // full lists, each also per 1,000 objects.
     let before = rss_mib();
-    let count = 10_000;
-    let api = vms.clone();
-    let t = parallel(count, move |i| {
-        let api = api.clone();
-        let mut obj = template.clone();
-        obj["metadata"]["name"] = json!(format!("vm-{i}"));
-        async move {
-            let o: DynamicObject = serde_json::from_value(obj).unwrap();
-            api.create(&PostParams::default(), &o).await.unwrap();
+    println!("resident memory: {before:.0} MiB with no VirtualMachine stored");
+    let mut stored = 0usize;
+    for size in [1_000usize, 3_000, 10_000] {
+        let api = vms.clone();
+        let template = template.clone();
+        let from = stored;
+        let t = parallel(size - stored, move |i| {
+            let api = api.clone();
+            let mut obj = template.clone();
+            obj["metadata"]["name"] = json!(format!("vm-{}", from + i));
+            async move {
+                let o: DynamicObject = serde_json::from_value(obj).unwrap();
+                api.create(&PostParams::default(), &o).await.unwrap();
+            }
+        })
+        .await;
+        println!(
+            "create VirtualMachine (schema admission): {} in {t:?} = {:.0}/s",
+            size - stored,
+            (size - stored) as f64 / t.as_secs_f64()
+        );
+        stored = size;
+        let rss = rss_mib();
+        let mut lists = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let list = vms.list(&ListParams::default()).await.unwrap();
+            assert_eq!(list.items.len(), size);
+            lists.push(start.elapsed());
         }
-    })
-    .await;
-    println!(
-        "create VirtualMachine (schema admission): {count} in {t:?} = {:.0}/s",
-        count as f64 / t.as_secs_f64()
-    );
-    let after = rss_mib();
-    let start = Instant::now();
-    let list = vms.list(&ListParams::default()).await.unwrap();
-    println!(
-        "list {} VirtualMachines: {:?}",
-        list.items.len(),
-        start.elapsed()
-    );
-    println!(
-        "resident memory: {before:.0} MiB before, {after:.0} MiB with {count} VirtualMachines stored (server and an idle client)"
-    );
+        lists.sort();
+        let list = lists[1];
+        // The same list as bytes only: the server and the transfer, without
+        // the client parsing 10,000 objects.
+        let mut raws = Vec::new();
+        for _ in 0..3 {
+            let request = axum::http::Request::get(
+                "/apis/ferry.dev/v1alpha1/namespaces/default/virtualmachines",
+            )
+            .body(Vec::new())
+            .unwrap();
+            let start = Instant::now();
+            let body = client.request_text(request).await.unwrap();
+            raws.push((start.elapsed(), body.len()));
+        }
+        raws.sort();
+        let (raw, bytes) = raws[1];
+        let per_k = size as f64 / 1000.0;
+        println!(
+            "{size} VirtualMachines: list {list:?} ({:.1} ms per 1,000), of which server and \
+             transfer of {:.1} MiB {raw:?} ({:.1} ms per 1,000); resident {rss:.0} MiB \
+             ({:.2} MiB per 1,000 above empty)",
+            list.as_secs_f64() * 1e3 / per_k,
+            bytes as f64 / (1 << 20) as f64,
+            raw.as_secs_f64() * 1e3 / per_k,
+            (rss - before) / per_k
+        );
+    }
     server.shutdown().await;
 }
