@@ -121,3 +121,39 @@ async fn a_compacted_snapshot_is_410_with_a_token_to_continue_inconsistently() {
     );
     assert_eq!(page_items(&rest).len(), 6);
 }
+
+/// Every item of a list is the object a get returns: with its apiVersion
+/// and kind (written straight from storage), and in the version's shape for
+/// events.k8s.io/v1 (stored in the core shape).
+#[tokio::test]
+async fn list_items_are_what_a_get_returns() {
+    let s = TestServer::start().await;
+    let c = s.admin().await;
+    for n in ["a", "b"] {
+        assert_eq!(post(&c, CM, cm(n, "1")).await.0, 201);
+    }
+    let (code, list) = get(&c, CM).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["kind"], "ConfigMapList");
+    assert_eq!(list["apiVersion"], "v1");
+    for item in list["items"].as_array().unwrap() {
+        let name = item["metadata"]["name"].as_str().unwrap();
+        let (_, one) = get(&c, &format!("{CM}/{name}")).await;
+        assert_eq!(item, &one, "{name}");
+        assert_eq!(item["apiVersion"], "v1");
+        assert_eq!(item["kind"], "ConfigMap");
+    }
+
+    const EV: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+    let event = json!({"metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
+        "regarding": {"kind": "Pod", "name": "p"}, "note": "hello", "reason": "R", "type": "Normal",
+        "action": "A", "reportingController": "ferry.dev/test", "reportingInstance": "t"});
+    assert_eq!(post(&c, EV, event).await.0, 201);
+    let (code, list) = get(&c, EV).await;
+    assert_eq!(code, 200);
+    let item = &list["items"][0];
+    let (_, one) = get(&c, &format!("{EV}/e1")).await;
+    assert_eq!(item, &one);
+    assert_eq!(item["note"], "hello");
+    assert_eq!(item["apiVersion"], "events.k8s.io/v1");
+}

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
 
@@ -207,12 +207,14 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
             .store
             .list(&prefix, token.as_ref().map(|t| t.start.as_str())),
     };
-    let mut items = Vec::new();
+    // Selectors read metadata only, which storage does not reshape: the
+    // stored objects are matched as they are, and presented (apiVersion,
+    // kind, the events.k8s.io shape) only as they are written out.
+    let mut items: Vec<(&String, &Arc<Value>)> = Vec::new();
     let mut more = false;
     let mut remaining = 0usize;
     for (key, stored) in &all {
-        let obj = present(&rr.info, stored);
-        if !(labels.matches(&obj) && fields.matches(&obj)) {
+        if !(labels.matches(stored) && fields.matches(stored)) {
             continue;
         }
         if limit > 0 && items.len() == limit {
@@ -220,24 +222,80 @@ pub fn list(state: &ApiState, rr: &ResourceRequest) -> Result<Response, ApiError
             remaining += 1;
             continue;
         }
-        items.push((key.clone(), obj));
+        items.push((key, stored));
     }
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if more && let Some((last, _)) = items.last() {
         let t = ContinueToken {
             rv: list_rv as i64,
-            start: last.clone(),
+            start: (*last).clone(),
         };
         metadata["continue"] = json!(t.encode());
         metadata["remainingItemCount"] = json!(remaining);
     }
-    let body = json!({
-        "kind": format!("{}List", rr.info.kind),
-        "apiVersion": rr.info.api_version(),
-        "metadata": metadata,
-        "items": items.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-    });
-    Ok(admission::respond_list(rr, body))
+    if admission::wants_table(rr) || convert::is_events_v1(&rr.info) {
+        let body = json!({
+            "kind": format!("{}List", rr.info.kind),
+            "apiVersion": rr.info.api_version(),
+            "metadata": metadata,
+            "items": items.iter().map(|(_, v)| present(&rr.info, v)).collect::<Vec<_>>(),
+        });
+        return Ok(admission::respond_list(rr, body));
+    }
+    // Written straight from the stored objects: no copy of each object is
+    // built and kept until the whole list is serialised.
+    let api_version = rr.info.api_version();
+    let body = ListBody {
+        kind: format!("{}List", rr.info.kind),
+        api_version: &api_version,
+        metadata,
+        items: items
+            .iter()
+            .map(|(_, obj)| Presented {
+                api_version: &api_version,
+                kind: &rr.info.kind,
+                obj,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_string(&body).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((StatusCode::OK, [("content-type", "application/json")], json).into_response())
+}
+
+/// A list response, serialised from borrowed objects.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListBody<'a> {
+    kind: String,
+    api_version: &'a str,
+    metadata: Value,
+    items: Vec<Presented<'a>>,
+}
+
+/// A stored object as a client sees it: with its `apiVersion` and `kind`
+/// first (storage may lack them), everything else as stored.
+struct Presented<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    obj: &'a Value,
+}
+
+impl serde::Serialize for Presented<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Value::Object(fields) = self.obj else {
+            return self.obj.serialize(s);
+        };
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("apiVersion", self.api_version)?;
+        map.serialize_entry("kind", self.kind)?;
+        for (k, v) in fields {
+            if k != "apiVersion" && k != "kind" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 /// Refuse writes into a namespace that is missing (404) or terminating (403).
