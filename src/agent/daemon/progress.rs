@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::agent::migrate::{self, ConvergencePolicy, ProgressSample, Throttle};
 use crate::api::Migration;
@@ -125,18 +126,29 @@ pub(super) fn agent_handle(agent: &Agent, m: &Migration) -> MigrationHandle {
 }
 
 /// Write the latest sample to `status.progress` about once a second (never
-/// more: the API is not a time-series store).
+/// more: the API is not a time-series store), until `stop`. A write under
+/// way when `stop` fires is finished first: the caller awaits this task
+/// before its final report, so that no progress write (which says
+/// `Transferring`) can reach the API server after the final report and
+/// overwrite it.
 pub(super) async fn write_progress(
     handle: MigrationHandle,
     mut rx: tokio::sync::watch::Receiver<Option<ProgressSample>>,
     shared: Arc<Mutex<Shared>>,
+    stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() {
+                return;
+            },
         }
         let Some(s) = rx.borrow_and_update().clone() else {
             continue;

@@ -221,10 +221,12 @@ pub(super) async fn source_half(
     let mut observer = move |s: &ProgressSample| {
         let _ = progress_tx.send(Some(s.clone()));
     };
+    let stop_progress = CancellationToken::new();
     let writer = tokio::spawn(write_progress(
         agent_handle(agent, m),
         progress_rx,
         shared.clone(),
+        stop_progress.clone(),
     ));
     let abort = CancellationToken::new();
     let watcher = {
@@ -287,7 +289,16 @@ pub(super) async fn source_half(
             .await;
     }
     watcher.abort();
-    writer.abort();
+    // No progress write may land after the final report (it would set the
+    // half back to Transferring): let the one under way finish first.
+    stop_progress.cancel();
+    let writer_abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .is_err()
+    {
+        writer_abort.abort();
+    }
     let elapsed_ms = u64::try_from(
         (Timestamp::now() - started)
             .total(k8s_openapi::jiff::Unit::Millisecond)
