@@ -29,7 +29,7 @@
 #[path = "../tests/e2e_support/mod.rs"]
 mod e2e_support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -145,6 +145,72 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+/// Resident memory of each agent process of the cluster whose data
+/// directory is `dir`, MiB, by host.
+fn agent_rss_in(dir: &std::path::Path) -> Vec<(String, f64)> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&dir) || !cmdline.contains(" agent run ") {
+            continue;
+        }
+        let host = cmdline
+            .split_whitespace()
+            .skip_while(|w| *w != "--host")
+            .nth(1)
+            .unwrap_or("?")
+            .to_string();
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
+        if let Some(kib) = kib {
+            out.push((host, kib / 1024.0));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Samples the agents' resident memory every 100 ms until stopped; the
+/// highest seen per host.
+struct RssPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<BTreeMap<String, f64>>,
+}
+
+impl RssPeak {
+    fn start(c: &Cluster) -> RssPeak {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let dir = c.data_dir().to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let mut peak = BTreeMap::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for (host, mib) in agent_rss_in(&dir) {
+                    let e = peak.entry(host).or_insert(0.0f64);
+                    *e = e.max(mib);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        RssPeak { stop, thread }
+    }
+
+    fn stop(self) -> BTreeMap<String, f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 fn ms(from: SystemTime, to: SystemTime) -> f64 {
@@ -399,6 +465,11 @@ fn main() {
     watch_migrations(&rt, client.clone(), seen.clone());
     watch_maintenances(&rt, client.clone(), seen.clone());
 
+    // Agents idle (no VM, nothing migrating), then their peak while the
+    // latency run and the drain migrate.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = agent_rss_in(c.data_dir());
+    let sampler = RssPeak::start(&c);
     let rows = latency(&c, &seen);
     let col = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<f64> { rows.iter().filter_map(f).collect() };
     println!(
@@ -483,5 +554,13 @@ fn main() {
         "  transfers seen in flight at once: at most {} (limit {})",
         d.most_in_flight, d.slots
     );
+    let peak = sampler.stop();
+    println!("agent resident memory (VmRSS), per host:");
+    for (host, mib) in &idle {
+        println!(
+            "  {host}: idle {mib:.1} MiB, peak while migrating {:.1} MiB",
+            peak.get(host).copied().unwrap_or(f64::NAN)
+        );
+    }
     println!("load average at the end: {}", loadavg());
 }
