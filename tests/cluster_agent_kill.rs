@@ -219,25 +219,30 @@ impl Drop for ProcessCluster {
     }
 }
 
-/// A guest rewriting its memory faster than a 4 MiB/s link: the transfer
-/// goes on until the test kills an agent (the policy waits minutes).
-async fn start_endless_migration(c: &ProcessCluster) -> (String, String, i32) {
+/// Creates the policy `policy` (its spec in YAML flow style), a 64 MiB
+/// memtest guest `busy` dirtying `dirty_mib` MiB/s and, once it runs, a
+/// Migration `move-busy` of it to the other host under that policy.
+/// Returns (source, target, the guest's QEMU pid on the source).
+async fn begin_migration(
+    c: &ProcessCluster,
+    policy: &str,
+    spec: &str,
+    dirty_mib: u32,
+) -> (String, String, i32) {
     let policies: Api<MigrationPolicy> = Api::all(c.client.clone());
-    let policy: MigrationPolicy = serde_yaml::from_str(
-        "apiVersion: ferry.dev/v1alpha1\nkind: MigrationPolicy\nmetadata: {name: slow}\n\
-         spec: {convergence: {mode: MinimalDowntime, downtimeLimit: 20ms, progressTimeout: 300s, completionTimeoutPerGiB: 3000s}, \
-         bandwidth: {mode: Custom, limit: 4Mi}}\n",
-    )
+    let policy_obj: MigrationPolicy = serde_yaml::from_str(&format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: MigrationPolicy\nmetadata: {{name: {policy}}}\nspec: {spec}\n"
+    ))
     .unwrap();
     policies
-        .create(&PostParams::default(), &policy)
+        .create(&PostParams::default(), &policy_obj)
         .await
         .unwrap();
     let vms: Api<VirtualMachine> = Api::namespaced(c.client.clone(), "default");
-    let vm: VirtualMachine = serde_yaml::from_str(
-        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: busy, namespace: default}\n\
-         spec: {memory: 64Mi, boot: {memtest: {fillMib: 48, dirtyRateMib: 16}}}\n",
-    )
+    let vm: VirtualMachine = serde_yaml::from_str(&format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: busy, namespace: default}}\n\
+         spec: {{memory: 64Mi, boot: {{memtest: {{fillMib: 48, dirtyRateMib: {dirty_mib}}}}}}}\n"
+    ))
     .unwrap();
     vms.create(&PostParams::default(), &vm).await.unwrap();
     let source = wait_for(Duration::from_secs(60), || async {
@@ -251,11 +256,26 @@ async fn start_endless_migration(c: &ProcessCluster) -> (String, String, i32) {
     let migrations: Api<Migration> = Api::namespaced(c.client.clone(), "default");
     let m: Migration = serde_yaml::from_str(&format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: move-busy, namespace: default}}\n\
-         spec: {{vmName: busy, targetHost: {target}, policy: slow}}\n"
+         spec: {{vmName: busy, targetHost: {target}, policy: {policy}}}\n"
     ))
     .unwrap();
     migrations.create(&PostParams::default(), &m).await.unwrap();
+    (source, target, pid)
+}
+
+/// A guest rewriting its memory faster than a 4 MiB/s link: the transfer
+/// goes on until the test kills an agent (the policy waits minutes).
+async fn start_endless_migration(c: &ProcessCluster) -> (String, String, i32) {
+    let started = begin_migration(
+        c,
+        "slow",
+        "{convergence: {mode: MinimalDowntime, downtimeLimit: 20ms, progressTimeout: 300s, \
+         completionTimeoutPerGiB: 3000s}, bandwidth: {mode: Custom, limit: 4Mi}}",
+        16,
+    )
+    .await;
     // Mid-transfer: the source sends and has reported progress.
+    let migrations: Api<Migration> = Api::namespaced(c.client.clone(), "default");
     wait_for(Duration::from_secs(120), || async {
         let s = migrations.get("move-busy").await.ok()?.status?;
         let sending = s.source?.state == AgentState::Transferring;
@@ -264,7 +284,7 @@ async fn start_endless_migration(c: &ProcessCluster) -> (String, String, i32) {
     })
     .await
     .expect("the transfer runs");
-    (source, target, pid)
+    started
 }
 
 async fn wait_failed(c: &ProcessCluster) -> ferry::api::MigrationStatus {
@@ -367,38 +387,15 @@ async fn killing_the_target_agent_mid_transfer_keeps_the_guest_on_the_source() {
 /// guest's memory is split between the two hosts. Returns (source, target)
 /// once the source reports post-copy.
 async fn start_postcopy_migration(c: &ProcessCluster) -> (String, String) {
-    let policies: Api<MigrationPolicy> = Api::all(c.client.clone());
-    let policy: MigrationPolicy = serde_yaml::from_str(
-        "apiVersion: ferry.dev/v1alpha1\nkind: MigrationPolicy\nmetadata: {name: postcopy}\n\
-         spec: {convergence: {mode: PostCopy, downtimeLimit: 50ms, progressTimeout: 30s, completionTimeoutPerGiB: 3000s}, \
-         bandwidth: {mode: Custom, limit: 4Mi}}\n",
+    let (source, target, _) = begin_migration(
+        c,
+        "postcopy",
+        "{convergence: {mode: PostCopy, downtimeLimit: 50ms, progressTimeout: 30s, \
+         completionTimeoutPerGiB: 3000s}, bandwidth: {mode: Custom, limit: 4Mi}}",
+        32,
     )
-    .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    let vms: Api<VirtualMachine> = Api::namespaced(c.client.clone(), "default");
-    let vm: VirtualMachine = serde_yaml::from_str(
-        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: busy, namespace: default}\n\
-         spec: {memory: 64Mi, boot: {memtest: {fillMib: 48, dirtyRateMib: 32}}}\n",
-    )
-    .unwrap();
-    vms.create(&PostParams::default(), &vm).await.unwrap();
-    let source = wait_for(Duration::from_secs(60), || async {
-        let s = vms.get("busy").await.ok()?.status?;
-        (s.phase == VmPhase::Running).then_some(s.host?)
-    })
-    .await
-    .expect("the VM runs");
-    let target = HOSTS.iter().find(|h| **h != source).unwrap().to_string();
+    .await;
     let migrations: Api<Migration> = Api::namespaced(c.client.clone(), "default");
-    let m: Migration = serde_yaml::from_str(&format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: move-busy, namespace: default}}\n\
-         spec: {{vmName: busy, targetHost: {target}, policy: postcopy}}\n"
-    ))
-    .unwrap();
-    migrations.create(&PostParams::default(), &m).await.unwrap();
     wait_for(Duration::from_secs(120), || async {
         let s = migrations.get("move-busy").await.ok()?.status?;
         (s.source?.state == AgentState::PostCopyActive).then_some(())
