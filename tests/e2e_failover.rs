@@ -117,3 +117,113 @@ fn an_agent_dying_on_a_cut_off_host_leaves_its_watchdog_to_fence_the_vm() {
     c.set_link(index, true);
     assert_eq!(c.host_qemu_pids(&old), Vec::<i32>::new());
 }
+
+fn set_unschedulable(c: &Cluster, host: &str, on: bool) {
+    c.kubectl_ok(&[
+        "patch",
+        "host",
+        host,
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"spec":{{"unschedulable":{on}}}}}"#),
+    ]);
+}
+
+/// A memtest VM on `host` (the other hosts cordoned while it starts).
+fn vm_on(c: &Cluster, vm: &str, host: &str, highly_available: bool) -> String {
+    let others: Vec<String> = (1..=c.hosts)
+        .map(|i| format!("host-{i}"))
+        .filter(|h| h != host)
+        .collect();
+    for h in &others {
+        set_unschedulable(c, h, true);
+    }
+    c.apply(&format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {vm}\n  namespace: default\n\
+         spec:\n  memory: 64Mi\n  cpus: 1\n  highlyAvailable: {highly_available}\n  boot:\n    memtest:\n      fillMib: 16\n"
+    ));
+    c.wait_for(&format!("{vm} Running"), TIMEOUT, || {
+        c.jsonpath(&["get", "fvm", vm], "{.status.phase}") == "Running"
+    });
+    assert_eq!(c.vm_host("default", vm).as_deref(), Some(host));
+    for h in &others {
+        set_unschedulable(c, h, false);
+    }
+    c.jsonpath(&["get", "fvm", vm], "{.metadata.uid}")
+}
+
+/// The VMs a `NotEvacuated` Warning Event was recorded for.
+fn not_evacuated(c: &Cluster) -> Vec<String> {
+    let names = c.jsonpath(
+        &["get", "events"],
+        "{range .items[?(@.reason==\"NotEvacuated\")]}{.involvedObject.name}{\"\\n\"}{end}",
+    );
+    let mut v: Vec<String> = names.lines().map(str::to_string).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Each resilience policy rebuilds exactly the VMs it names: under
+/// `MigrateHighlyAvailableOnly` a powered-off host's highly available VM
+/// is rebuilt elsewhere and the other stays down with a `NotEvacuated`
+/// Event; under `DoNotMigrate` nothing is rebuilt. (`MigrateAll`: the
+/// tests above.)
+#[test]
+fn each_resilience_policy_rebuilds_exactly_the_vms_it_names() {
+    let c = Cluster::up_with(3, &["--fence-after", "4s"]);
+    let resilience = |policy: &str| {
+        c.kubectl_ok(&[
+            "patch",
+            "mpol",
+            "default",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"spec":{{"resilience":{{"policy":"{policy}","fenceAfter":"4s","evacuateAfter":"8s"}}}}}}"#
+            ),
+        ]);
+    };
+
+    resilience("MigrateHighlyAvailableOnly");
+    let ha = vm_on(&c, "ha", "host-1", true);
+    vm_on(&c, "plain", "host-1", false);
+    c.power_off("host-1");
+    c.wait_for("ha rebuilt off host-1", TIMEOUT, || {
+        c.vm_host("default", "ha").is_some_and(|h| h != "host-1")
+            && c.jsonpath(&["get", "fvm", "ha"], "{.status.phase}") == "Running"
+    });
+    let (_, report) = c.verify_vm("default", "ha");
+    assert!(matches!(report, VerifyReport::Intact { .. }), "{report:?}");
+    assert_eq!(c.jsonpath(&["get", "fvm", "ha"], "{.metadata.uid}"), ha);
+    c.wait_for("a NotEvacuated event for plain", TIMEOUT, || {
+        not_evacuated(&c) == ["plain"]
+    });
+    assert_eq!(
+        c.vm_host("default", "plain").as_deref(),
+        Some("host-1"),
+        "plain stays assigned to its failed host"
+    );
+    let evacuated = c.jsonpath(
+        &["get", "mig"],
+        "{range .items[?(@.spec.type==\"Evacuate\")]}{.spec.vmName}{\"\\n\"}{end}",
+    );
+    assert_eq!(evacuated.trim(), "ha", "only the highly available VM");
+
+    resilience("DoNotMigrate");
+    let ha_host = c.vm_host("default", "ha").unwrap();
+    c.power_off(&ha_host);
+    c.wait_for(&format!("{ha_host} fenced"), TIMEOUT, || {
+        c.jsonpath(&["get", "host", &ha_host], "{.status.phase}") == "Fenced"
+    });
+    c.wait_for("a NotEvacuated event for ha", TIMEOUT, || {
+        not_evacuated(&c) == ["ha", "plain"]
+    });
+    assert_eq!(c.vm_host("default", "ha"), Some(ha_host.clone()));
+    let evacuated = c.jsonpath(
+        &["get", "mig"],
+        "{range .items[?(@.spec.type==\"Evacuate\")]}{.spec.vmName}{\"\\n\"}{end}",
+    );
+    assert_eq!(evacuated.trim(), "ha", "no evacuation under DoNotMigrate");
+    assert_eq!(c.qemu_pids(), Vec::<i32>::new(), "nothing runs anywhere");
+}
