@@ -20,12 +20,19 @@ use super::status::{now, to_core};
 pub(super) async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutcome {
     let mut recent = ctx.recent.lock().await;
     recent.expire(Instant::now());
+    // Looked up once per admission, not once per Migration (a drain of n
+    // VMs asks n times while n Migrations are in the cache).
+    let clusters: std::collections::HashMap<String, String> = ctx
+        .hosts
+        .state()
+        .iter()
+        .map(|h| (h.name_any(), h.spec.cluster.clone()))
+        .collect();
     let cluster_of = |host: &str| {
-        ctx.hosts
-            .state()
-            .into_iter()
-            .find(|h| h.name_any() == host)
-            .map_or_else(|| "default".to_string(), |h| h.spec.cluster.clone())
+        clusters
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| "default".to_string())
     };
     let mut queue = Vec::new();
     let mut active = Vec::new();
