@@ -37,29 +37,24 @@ mod net_support;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::process::{Command, ExitCode};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use ferry::agent::linux_guest::{self, ECHO_PORT, LinuxGuest, MEMORY_MIB};
-use ferry::agent::machine::{Boot, MachineSpec, NicSpec};
+use ferry::agent::machine::MachineSpec;
 use ferry::agent::migrate::{
-    self, AUTO_MAX_BANDWIDTH, Action, MigrationConfig, ProgressSample, finish_source,
-    prepare_target, run_source,
+    AUTO_MAX_BANDWIDTH, Action, MigrationConfig, ProgressSample, finish_source, run_source,
 };
-use ferry::agent::net::{self, Announce, BridgeMap, SetAnnounceParameters};
-use ferry::agent::pki::{ClusterCa, TlsSettings};
+use ferry::agent::net::{self, Announce, SetAnnounceParameters};
+use ferry::agent::pki::ClusterCa;
 use ferry::agent::qemu::QemuProcess;
 use ferry::agent::qmp::{self, Event, MigrationStatus};
-use ferry::agent::relay::{
-    ClientTransport, MigrationRef, MigrationTable, ServerTransport, SourceRelay, SourceRelayConfig,
-    TargetRelay,
-};
-use ferry::agent::vms::VmManager;
+use ferry::agent::relay::MigrationRef;
+use net_support::hosts::{Host, KillOnDrop, VM, in_host_ns, spec_in};
 use net_support::outage::{EchoLog, Pinger, longest_gap, migration_link};
-use net_support::{BOOT_TIMEOUT, GUEST_IP, MAC, in_ns, scratch, segment};
+use net_support::{BOOT_TIMEOUT, GUEST_IP, scratch, segment};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -71,8 +66,6 @@ const INTERVAL_MS: usize = 10;
 const SETTLE: Duration = Duration::from_secs(2);
 /// The port the target QEMU listens on in direct mode.
 const DIRECT_PORT: u16 = 4444;
-/// The VM's name on both hosts.
-const VM: &str = "default.web";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -85,136 +78,6 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Ferry => "ferry",
-        }
-    }
-}
-
-/// One "host": a network namespace with its agent's pieces.
-struct Host {
-    name: &'static str,
-    ns: String,
-    /// Address on the migration network.
-    addr: Ipv4Addr,
-    vms: VmManager,
-    relay: TargetRelay,
-    table: Arc<MigrationTable>,
-    client: Arc<rustls::ClientConfig>,
-    /// Runs this host's source relays: its threads live in the host's
-    /// namespace, so the relay's connections leave from there.
-    rt: tokio::runtime::Runtime,
-}
-
-impl Host {
-    fn new(
-        name: &'static str,
-        ns: &str,
-        addr: Ipv4Addr,
-        root: &Path,
-        ca: &ClusterCa,
-    ) -> anyhow::Result<Host> {
-        let enter = ns.to_string();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .on_thread_start(move || {
-                if let Err(e) = net::enter(&enter) {
-                    panic!("relay thread cannot enter its host namespace: {e}");
-                }
-            })
-            .build()?;
-        let id = ca.issue_host(name)?;
-        let tls = TlsSettings::default();
-        let listener = in_ns(ns, move || std::net::TcpListener::bind((addr, 0)))
-            .join()
-            .map_err(|_| anyhow!("binding the relay panicked"))??;
-        let table = Arc::new(MigrationTable::default());
-        let relay = {
-            let _in_rt = rt.enter();
-            TargetRelay::from_std(
-                listener,
-                ServerTransport::Tls(tls.server_config(&id)?),
-                table.clone(),
-            )?
-        };
-        Ok(Host {
-            name,
-            ns: ns.to_string(),
-            addr,
-            vms: VmManager::with_binary(root.join(name), qemu_in(root, ns)?),
-            relay,
-            table,
-            client: tls.client_config(&id)?,
-            rt,
-        })
-    }
-}
-
-/// A QEMU "binary" that runs the real one inside network namespace `ns`.
-fn qemu_in(dir: &Path, ns: &str) -> anyhow::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(format!("qemu-{ns}"));
-    std::fs::write(
-        &path,
-        format!("#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 \"$@\"\n"),
-    )?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-    Ok(path.to_string_lossy().into_owned())
-}
-
-/// Runs `f` in namespace `ns` without blocking the runtime.
-async fn in_host_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    let ns = ns.to_string();
-    tokio::task::spawn_blocking(move || in_ns(&ns, f).join())
-        .await?
-        .map_err(|_| anyhow!("a thread in a host namespace panicked"))
-}
-
-/// The VM's definition with its NIC on a tap of `br-ferry` in `ns` (the tap
-/// is created, as the agent there would).
-async fn spec_in(ns: &str, g: &LinuxGuest) -> anyhow::Result<MachineSpec> {
-    let mut spec = MachineSpec::new(
-        VM,
-        MEMORY_MIB,
-        Boot::Kernel {
-            kernel: g.kernel.clone(),
-            initrd: Some(g.initrd.clone()),
-            cmdline: Some(LinuxGuest::cmdline(&format!("{GUEST_IP}/24"), None)),
-        },
-    );
-    spec.uuid = uuid::Uuid::from_u128(0x5);
-    spec.nics.push(NicSpec {
-        mac: MAC.into(),
-        tap: None,
-    });
-    let spec = in_host_ns(ns, move || {
-        let bridges = BridgeMap::parse(&["default=br-ferry"])?;
-        net::prepare_taps(&mut spec, &["default".to_string()], &bridges)?;
-        Ok::<_, anyhow::Error>(spec)
-    })
-    .await??;
-    Ok(spec)
-}
-
-/// Kills every QEMU the bench started on the way out, even on failure.
-#[derive(Default)]
-struct KillOnDrop(Mutex<Vec<i32>>);
-
-impl KillOnDrop {
-    fn add(&self, pid: i32) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
         }
     }
 }
@@ -311,7 +174,10 @@ async fn direct(
     })
 }
 
-/// The agent's halves and Ferry's relay over mutual TLS.
+/// The agent's halves and Ferry's relay over mutual TLS, with the target's
+/// control channel: the target QEMU is prepared in its host's namespace,
+/// so the agent holds its tap and announces the guest there when the
+/// source says it stopped.
 async fn ferry(
     n: usize,
     from: &Host,
@@ -321,7 +187,7 @@ async fn ferry(
     config: &MigrationConfig,
     kill: &KillOnDrop,
 ) -> anyhow::Result<Switched> {
-    let target = prepare_target(&to.vms, spec, config).await?;
+    let target = to.prepare_target(spec, config).await?;
     kill.add(target.vm().pid());
     let target_events = target.vm().qmp().events();
     let migration = MigrationRef {
@@ -332,16 +198,11 @@ async fn ferry(
     let _delivery = to
         .table
         .expect(migration.clone(), from.name, target.incoming_socket());
-    let relay_config = SourceRelayConfig {
-        migration: migration.clone(),
-        source_host: from.name.into(),
-        target_host: to.name.into(),
-        target_addr: SocketAddr::new(to.addr.into(), to.relay.local_addr().port()),
-        socket_path: migrate::source_socket(vm),
-        transport: ClientTransport::Tls(from.client.clone()),
-        bandwidth: config.bandwidth.relay_limit(),
-    };
-    let relay = from.rt.spawn(SourceRelay::start(relay_config)).await??;
+    let hook = target
+        .switchover_hook()
+        .ok_or_else(|| anyhow!("the target agent holds no tap of the VM"))?;
+    to.table.on_source_stopped(&migration.uid, hook);
+    let relay = from.source_relay(to, &migration, vm, config).await?;
     let mut policy = |_: &[ProgressSample]| Action::Continue;
     let mut observer = |_: &ProgressSample| {};
     let started = Instant::now();
@@ -496,7 +357,7 @@ async fn bench(
 ) -> anyhow::Result<Vec<Run>> {
     let g = linux_guest::ensure()?;
     let spec = spec_in(&hosts[0].ns, &g).await?;
-    let mut vm = hosts[0].vms.start(&spec, false).await?;
+    let mut vm = hosts[0].start(&spec).await?;
     kill.add(vm.pid());
     let guest: Ipv4Addr = GUEST_IP.parse()?;
     let client = Client {

@@ -23,17 +23,33 @@ ferry_apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# The oldest QEMU Ferry runs (the agent refuses older ones, see
+# docs/install.md): Debian 12's own 7.2 is too old, its backports suite has 10.0.
+FERRY_QEMU_MIN_MAJOR=10
+
+ferry_qemu_major() {
+  qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+
+ferry_qemu_ok() {
+  local major
+  major=$(ferry_qemu_major)
+  [ -n "$major" ] && [ "$major" -ge "$FERRY_QEMU_MIN_MAJOR" ]
+}
+
 ferry_install_qemu() {
-  command -v qemu-system-x86_64 >/dev/null 2>&1 && return 0
+  ferry_qemu_ok && return 0
+  local found
+  found=$(ferry_qemu_major)
   if ! ferry_can_install; then
-    ferry_say "QEMU is missing. Install it as root: apt-get install --no-install-recommends qemu-system-x86"
+    ferry_say "QEMU ${FERRY_QEMU_MIN_MAJOR}.0 or newer is missing (found: ${found:-none}). Install it as root: apt-get install --no-install-recommends qemu-system-x86 (Debian 12: add bookworm-backports and use -t bookworm-backports)"
     return 1
   fi
-  ferry_say "installing QEMU (qemu-system-x86) from Debian's packages"
-  if ferry_apt_install qemu-system-x86 2>/dev/null; then return 0; fi
-  # A machine whose qemu-utils comes from bookworm-backports cannot take
-  # bookworm's qemu-system-x86 (qemu-utils Breaks older qemu-system-common):
-  # take qemu-system-x86 from the same backports suite.
+  ferry_say "installing QEMU ${FERRY_QEMU_MIN_MAJOR}.0 or newer (qemu-system-x86) from Debian's packages (found: ${found:-none})"
+  ferry_apt_install qemu-system-x86 2>/dev/null || true
+  ferry_qemu_ok && return 0
+  # Debian 12 ships 7.2; its backports suite has 10.0. (A machine whose
+  # qemu-utils already comes from backports needs this too.)
   local codename
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
   if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -41,6 +57,10 @@ ferry_install_qemu() {
   fi
   FERRY_APT_UPDATED=
   ferry_apt_install -t "${codename}-backports" qemu-system-x86
+  if ! ferry_qemu_ok; then
+    ferry_say "QEMU $(ferry_qemu_major) was installed, but Ferry needs ${FERRY_QEMU_MIN_MAJOR}.0 or newer"
+    return 1
+  fi
 }
 
 ferry_install_guest_toolchain() {

@@ -80,6 +80,7 @@ fn refused(reply: Reply) -> RefusalReason {
 async fn refusals_carry_their_reason_and_are_counted() {
     let r = rig().await;
     let hello = |uid: &str, host: &str| Hello {
+        role: Default::default(),
         migration: mref(uid),
         source_host: host.into(),
         channel: 0,
@@ -119,6 +120,7 @@ async fn another_protocol_version_is_refused_by_name() {
             migration: mref("u"),
             source_host: "host-a".into(),
             channel: 0,
+            role: Default::default(),
         },
     )
     .await

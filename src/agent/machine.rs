@@ -161,8 +161,11 @@ impl MachineSpec {
     }
 
     /// The QEMU command line (without the binary) for this VM in `dir`;
-    /// `incoming` adds `-incoming defer` for a migration target.
-    pub fn argv(&self, dir: &VmDir, incoming: bool) -> Vec<String> {
+    /// `incoming` adds `-incoming defer` for a migration target. `tap_fds`
+    /// has, for each NIC with a tap, the descriptor the agent opened for it
+    /// and QEMU inherits (`-netdev tap,fd=N`); a tap NIC without one has
+    /// QEMU open the tap by name.
+    pub fn argv(&self, dir: &VmDir, incoming: bool, tap_fds: &[(usize, i32)]) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
         let path = |p: &Path| p.to_string_lossy().into_owned();
@@ -220,9 +223,11 @@ impl MachineSpec {
             ]);
         }
         for (i, n) in self.nics.iter().enumerate() {
-            let backend = match &n.tap {
-                Some(tap) => format!("tap,id=net{i},ifname={tap},script=no,downscript=no"),
-                None => format!("user,id=net{i}"),
+            let fd = tap_fds.iter().find(|(nic, _)| *nic == i).map(|(_, fd)| fd);
+            let backend = match (&n.tap, fd) {
+                (Some(_), Some(fd)) => format!("tap,id=net{i},fd={fd}"),
+                (Some(tap), None) => format!("tap,id=net{i},ifname={tap},script=no,downscript=no"),
+                (None, _) => format!("user,id=net{i}"),
             };
             push(&["-netdev", &backend]);
             push(&[
@@ -263,7 +268,7 @@ mod tests {
     fn argv_carries_identity_sockets_and_tcg() {
         let s = spec();
         let dir = VmDir::new(Path::new("/state"), &s.name);
-        let a = s.argv(&dir, false).join(" ");
+        let a = s.argv(&dir, false, &[]).join(" ");
         for want in [
             "-accel tcg",
             "-nodefaults -nographic",
@@ -278,7 +283,28 @@ mod tests {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }
         assert!(!a.contains("-incoming"));
-        assert!(s.argv(&dir, true).join(" ").contains("-incoming defer"));
+        assert!(
+            s.argv(&dir, true, &[])
+                .join(" ")
+                .contains("-incoming defer")
+        );
+    }
+
+    #[test]
+    fn a_tap_is_inherited_when_the_agent_opened_it() {
+        let mut s = spec();
+        s.nics[0].tap = Some("fy0000abcdn0".into());
+        s.nics.push(NicSpec {
+            mac: "52:54:00:12:34:57".into(),
+            tap: Some("fy0000abcdn1".into()),
+        });
+        let dir = VmDir::new(Path::new("/state"), &s.name);
+        let a = s.argv(&dir, false, &[(0, 7)]).join(" ");
+        assert!(a.contains("-netdev tap,id=net0,fd=7 "), "{a}");
+        assert!(
+            a.contains("-netdev tap,id=net1,ifname=fy0000abcdn1,script=no,downscript=no"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::net::{NetError, TapHandle};
 use super::qmp::{self, Qmp, QmpError};
 
 pub use super::machine::{Boot, CacheMode, DiskSpec, MachineSpec, NicSpec};
@@ -74,6 +75,9 @@ pub enum QemuError {
     /// QMP failed.
     #[error("QMP")]
     Qmp(#[from] QmpError),
+    /// A NIC's tap could not be opened for QEMU.
+    #[error("the VM's network")]
+    Net(#[from] NetError),
 }
 
 impl QemuError {
@@ -86,6 +90,7 @@ impl QemuError {
             QemuError::StartupExit { .. } => "QemuStartupFailed",
             QemuError::NotRunning { .. } => "QemuNotRunning",
             QemuError::Qmp(e) => e.reason(),
+            QemuError::Net(e) => e.reason(),
         }
     }
 }
@@ -151,6 +156,21 @@ impl VmDir {
     }
 }
 
+/// The oldest QEMU release the agent runs, the one Ferry is tested with.
+/// Under TCG, Debian 12's own QEMU 7.2 failed the guest's memory check
+/// after post-copy and pause-to-finish migrations, and failed multifd
+/// streams through the relay; 10.0 passes them all.
+pub const MIN_VERSION: (u32, u32) = (10, 0);
+
+/// Whether `version` (`10.0.2`) is [`MIN_VERSION`] or newer.
+pub fn version_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= MIN_VERSION,
+        _ => false,
+    }
+}
+
 /// The version of a QEMU binary (`qemu-system-x86_64 --version`), e.g.
 /// `10.0.2`, for the host's published status.
 pub async fn binary_version(binary: &str) -> Result<String, QemuError> {
@@ -207,6 +227,9 @@ pub struct QemuProcess {
     qmp: Arc<Qmp>,
     /// Set once the process has been reaped (only for QEMUs we spawned).
     exit: Option<tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>>,
+    /// The agent's copies of the taps QEMU inherited while it runs (only
+    /// for QEMUs we spawned; an adopted QEMU's taps are its own).
+    taps: Arc<std::sync::Mutex<Vec<TapHandle>>>,
 }
 
 impl QemuProcess {
@@ -235,15 +258,38 @@ impl QemuProcess {
         dir.io(dir.spec_file(), std::fs::write(dir.spec_file(), spec_json))?;
         let log = dir.io(dir.log_file(), std::fs::File::create(dir.log_file()))?;
         let log2 = dir.io(dir.log_file(), log.try_clone())?;
+        // The agent opens each tap and QEMU inherits it, so that the agent
+        // keeps a handle to speak for the VM (net::TapHandle).
+        // A tap that is not in this process's network namespace (QEMU run
+        // through `ip netns exec` by a test harness) is left to QEMU to open
+        // by name, without a handle.
+        let mut taps = Vec::new();
+        for (i, nic) in spec.nics.iter().enumerate() {
+            match &nic.tap {
+                Some(tap) if TapHandle::exists_here(tap) => {
+                    taps.push((i, TapHandle::open(tap, &nic.mac)?));
+                }
+                Some(tap) => {
+                    tracing::debug!(vm = %spec.name, %tap, "tap not in the agent's network namespace; QEMU opens it by name");
+                }
+                None => {}
+            }
+        }
+        let fds: Vec<(usize, i32)> = taps.iter().map(|(i, t)| (*i, t.raw_fd())).collect();
+        let inherit: Vec<i32> = fds.iter().map(|(_, fd)| *fd).collect();
         let mut cmd = std::process::Command::new(binary);
-        cmd.args(spec.argv(&dir, incoming))
+        cmd.args(spec.argv(&dir, incoming, &fds))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        // SAFETY: setsid and fcntl are async-signal-safe; `inherit` was
+        // allocated before the fork and is only read.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                for fd in &inherit {
+                    TapHandle::inherit_fd(*fd)?;
+                }
                 Ok(())
             });
         }
@@ -256,8 +302,15 @@ impl QemuProcess {
             })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(-1);
         let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
+        // The agent lets go of the taps when QEMU exits, so that a new QEMU
+        // of the VM can attach to them.
+        let taps = Arc::new(std::sync::Mutex::new(
+            taps.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+        ));
+        let held = taps.clone();
         tokio::spawn(async move {
             if let Ok(status) = child.wait().await {
+                held.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 exit_tx.send_replace(Some(status));
             }
         });
@@ -297,6 +350,7 @@ impl QemuProcess {
             pid,
             qmp: Arc::new(qmp),
             exit: Some(exit_rx),
+            taps,
         })
     }
 
@@ -326,6 +380,7 @@ impl QemuProcess {
             pid,
             qmp: Arc::new(qmp),
             exit: None,
+            taps: Arc::default(),
         })
     }
 
@@ -344,6 +399,12 @@ impl QemuProcess {
     /// The QMP session.
     pub fn qmp(&self) -> &Arc<Qmp> {
         &self.qmp
+    }
+
+    /// The agent's handles on the VM's taps (empty for an adopted QEMU,
+    /// for taps QEMU opened by name, and once QEMU has exited).
+    pub fn taps(&self) -> std::sync::MutexGuard<'_, Vec<TapHandle>> {
+        self.taps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether QEMU is still running.
@@ -411,5 +472,20 @@ fn kill(pid: i32) {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_releases_from_the_tested_one_on_are_supported() {
+        for ok in ["10.0.2", "10.0", "10.1.0", "11.0.0"] {
+            assert!(version_supported(ok), "{ok}");
+        }
+        for old in ["7.2.22", "9.2.0", "8.2", "", "x.y", "10"] {
+            assert!(!version_supported(old), "{old}");
+        }
     }
 }

@@ -154,6 +154,16 @@ pub struct EventTimestamp {
 }
 
 impl Event {
+    /// When QEMU emitted it (the host's wall clock).
+    pub fn time(&self) -> std::time::SystemTime {
+        crate::agent::relay::clock::from_micros(
+            self.timestamp
+                .seconds
+                .saturating_mul(1_000_000)
+                .saturating_add(self.timestamp.microseconds),
+        )
+    }
+
     /// The migration status carried by a `MIGRATION` event.
     pub fn migration_status(&self) -> Option<MigrationStatus> {
         if self.name != "MIGRATION" {

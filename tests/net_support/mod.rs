@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod hosts;
 pub mod outage;
 
 use std::io::{BufRead, BufReader, Write};

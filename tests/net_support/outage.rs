@@ -155,6 +155,10 @@ fn run_echo(
 pub struct Pinger {
     stop: Arc<AtomicBool>,
     log: Log,
+    /// Each request's sequence number and when it was sent.
+    sent: Arc<Mutex<Vec<(u16, Instant)>>>,
+    /// The sequence numbers answered.
+    answered: Arc<Mutex<std::collections::BTreeSet<u16>>>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -180,6 +184,9 @@ impl Pinger {
         let log = Log::default();
         let ident = (std::process::id() as u16) ^ 0x5a5a;
         let (s1, s2, l) = (stop.clone(), stop.clone(), log.clone());
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let answered = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let (sent_log, answered_log) = (sent.clone(), answered.clone());
         let sender = std::thread::spawn(move || {
             let to = SocketAddrV4::new(dst, 0);
             let mut next = Instant::now();
@@ -188,6 +195,10 @@ impl Pinger {
                 seq = seq.wrapping_add(1);
                 // A send failing (no route for a moment) is a lost ping.
                 let _ = tx.send_to(&echo_request(ident, seq), to);
+                sent_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((seq, Instant::now()));
                 next += interval;
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
@@ -198,14 +209,20 @@ impl Pinger {
                 let Ok(n) = rx.recv(&mut buf) else {
                     continue; // timeout: check the stop flag
                 };
-                if is_echo_reply(&buf[..n], ident) {
+                if let Some(seq) = echo_reply_seq(&buf[..n], ident) {
                     l.push(Instant::now());
+                    answered_log
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seq);
                 }
             }
         });
         Ok(Pinger {
             stop,
             log,
+            sent,
+            answered,
             handles: vec![sender, receiver],
         })
     }
@@ -213,6 +230,28 @@ impl Pinger {
     /// The reply instants.
     pub fn log(&self) -> &Log {
         &self.log
+    }
+
+    /// The requests sent in `[from, to]` that have had no reply (so far).
+    pub fn unanswered(&self, from: Instant, to: Instant) -> Vec<u16> {
+        let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(seq, at)| *at >= from && *at <= to && !answered.contains(seq))
+            .map(|(seq, _)| *seq)
+            .collect()
+    }
+
+    /// How many requests were sent in `[from, to]`.
+    pub fn sent_between(&self, from: Instant, to: Instant) -> usize {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, at)| *at >= from && *at <= to)
+            .count()
     }
 }
 
@@ -248,14 +287,13 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Whether an IPv4 packet (as a raw socket delivers it) is an echo reply
-/// to `ident`.
-fn is_echo_reply(packet: &[u8], ident: u16) -> bool {
-    let Some(first) = packet.first() else {
-        return false;
-    };
-    let icmp = &packet[usize::from(first & 0x0f) * 4..];
-    icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == ident.to_be_bytes()
+/// The sequence number of an IPv4 packet (as a raw socket delivers it)
+/// that is an echo reply to `ident`.
+fn echo_reply_seq(packet: &[u8], ident: u16) -> Option<u16> {
+    let first = packet.first()?;
+    let icmp = packet.get(usize::from(first & 0x0f) * 4..)?;
+    (icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == ident.to_be_bytes())
+        .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
 }
 
 /// A point-to-point link `mig` between the namespaces of hosts `a` and `b`
@@ -308,9 +346,10 @@ mod tests {
         let mut reply = vec![0x45u8; 20];
         reply.extend_from_slice(&req);
         reply[20] = 0; // type 0: echo reply
-        assert!(super::is_echo_reply(&reply, 0x1234));
-        assert!(!super::is_echo_reply(&reply, 0x4321));
+        assert_eq!(super::echo_reply_seq(&reply, 0x1234), Some(7));
+        assert_eq!(super::echo_reply_seq(&reply, 0x4321), None);
         reply[20] = 8;
-        assert!(!super::is_echo_reply(&reply, 0x1234));
+        assert_eq!(super::echo_reply_seq(&reply, 0x1234), None);
+        assert_eq!(super::echo_reply_seq(&reply[..10], 0x1234), None);
     }
 }

@@ -13,6 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 
+use crate::agent::qemu::{self, QemuError};
 use crate::api::host::{Hypervisor, LoadSample, Resources};
 use crate::api::{Host, HostSpec, Quantity, SYSTEM_NAMESPACE};
 
@@ -195,21 +196,21 @@ impl HostPublisher {
     }
 }
 
-/// `qemu-system-x86_64 --version`, as `10.0.2`.
+/// `qemu-system-x86_64 --version`, as `10.0.2`; a release older than
+/// [`qemu::MIN_VERSION`] is refused.
 pub async fn qemu_version(binary: &str) -> Result<String, AgentError> {
-    let out = tokio::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|source| AgentError::QemuMissing {
+    let version = qemu::binary_version(binary).await.map_err(|e| match e {
+        QemuError::Spawn { binary, source } => AgentError::QemuMissing { binary, source },
+        other => AgentError::QemuUnusable {
             binary: binary.into(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .split_whitespace()
-        .skip_while(|w| *w != "version")
-        .nth(1)
-        .unwrap_or("unknown")
-        .to_string())
+            why: other.to_string(),
+        },
+    })?;
+    if !qemu::version_supported(&version) {
+        return Err(AgentError::QemuTooOld {
+            binary: binary.into(),
+            found: version,
+        });
+    }
+    Ok(version)
 }

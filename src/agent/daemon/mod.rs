@@ -114,6 +114,28 @@ pub enum AgentError {
         /// Cause.
         source: std::io::Error,
     },
+    /// QEMU runs but does not say its version.
+    #[error("QEMU ({binary}) is not usable: {why}")]
+    QemuUnusable {
+        /// The binary.
+        binary: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// QEMU is older than the oldest release Ferry runs.
+    #[error(
+        "QEMU {found} ({binary}) is older than {}.{}, the oldest release Ferry runs: under TCG, \
+         QEMU 7.2 failed the guest's memory check after post-copy and pause-to-finish migrations. \
+         Install qemu-system-x86 {}.{} or newer (Debian 12: from bookworm-backports)",
+        crate::agent::qemu::MIN_VERSION.0, crate::agent::qemu::MIN_VERSION.1,
+        crate::agent::qemu::MIN_VERSION.0, crate::agent::qemu::MIN_VERSION.1
+    )]
+    QemuTooOld {
+        /// The binary.
+        binary: String,
+        /// Its version.
+        found: String,
+    },
     /// The host's certificate is missing or does not name this host.
     #[error("the host certificate in {dir}: {message}")]
     Identity {

@@ -327,6 +327,13 @@ pub(super) async fn source_half(
                 // The target agent saw its QEMU die after the stream ended:
                 // the paused source is the only copy left, resume it.
                 let _ = vm.qmp().execute(&crate::agent::qmp::Cont {}).await;
+                // The target may have announced the guest at its stop: the
+                // segment must learn it is here again.
+                let announce =
+                    crate::agent::net::AnnounceSelf(crate::agent::net::Announce::default());
+                if let Err(e) = vm.qmp().execute(&announce).await {
+                    tracing::warn!(error = %e, "announce-self on the resumed source failed");
+                }
                 let message =
                     "the target QEMU died at switchover; the guest was resumed on the source"
                         .to_string();

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::migrate::{self, GuestClock};
+use crate::agent::migrate;
 use crate::agent::relay::MigrationRef;
 use crate::api::migration::{AgentReport, AgentState};
 use crate::api::{Migration, MigrationType};
@@ -138,8 +138,11 @@ pub(super) async fn target_half(agent: &Agent, m: &Migration, cancel: &Cancellat
     let _delivery = agent
         .table
         .expect(migration.clone(), &source_host, handle.incoming_socket());
+    if let Some(hook) = handle.switchover_hook() {
+        agent.table.on_source_stopped(&uid, hook);
+    }
     // Times the guest's start here (QEMU's RESUME event) for the real pause.
-    let clock = GuestClock::watch(handle.vm().qmp());
+    let clock = handle.clock();
     report_half(agent, m, Role::Target, AgentState::Ready, None, None, None).await;
 
     let outcome = tokio::select! {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::agent::qmp::{Event, Qmp};
 use crate::agent::relay::ClockOffset;
-use crate::agent::relay::clock::{from_micros, micros_since_epoch};
+use crate::agent::relay::clock::micros_since_epoch;
 
 /// What a QEMU's run-state events said, latest first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,13 +35,7 @@ pub struct RunEvents {
 
 impl RunEvents {
     fn apply(&mut self, event: &Event) {
-        let at = from_micros(
-            event
-                .timestamp
-                .seconds
-                .saturating_mul(1_000_000)
-                .saturating_add(event.timestamp.microseconds),
-        );
+        let at = event.time();
         match event.name.as_str() {
             "STOP" => self.stopped_at = Some(at),
             "RESUME" => {
@@ -83,6 +77,11 @@ impl GuestClock {
     /// What has been seen so far.
     pub fn now(&self) -> RunEvents {
         *self.state.borrow()
+    }
+
+    /// A receiver of what is seen (for a synchronous look later).
+    pub fn watcher(&self) -> watch::Receiver<RunEvents> {
+        self.state.clone()
     }
 
     /// When the guest stopped, waiting up to `within` for the event (QEMU
@@ -142,6 +141,7 @@ pub fn pause(stopped: SystemTime, resumed: SystemTime, offset: Option<&ClockOffs
 mod tests {
     use super::*;
     use crate::agent::qmp::EventTimestamp;
+    use crate::agent::relay::clock::from_micros;
 
     fn event(name: &str, us: i64) -> Event {
         Event {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Action, ConvergencePolicy, MigrationConfig, MigrationError, ProgressSample, qmp_err};
+use crate::agent::net;
 use crate::agent::qemu::QemuProcess;
 use crate::agent::qmp::{self, MigrationStatus};
 use crate::agent::relay::SourceRelay;
@@ -68,12 +69,14 @@ pub async fn run_source(
     .await
     .map_err(qmp_err("setting the source's migration parameters"))?;
     let uri = format!("unix:{}", relay.socket_path().display());
+    // Watch for the guest's stop from before the migration starts.
+    let events = q.events();
     q.execute(&qmp::Migrate { uri, resume: None })
         .await
         .map_err(qmp_err("starting the migration"))?;
-    Monitor::new(vm, relay, config, false)
-        .run(policy, observer, cancel)
-        .await
+    let mut monitor = Monitor::new(vm, relay, config, false);
+    monitor.events = Some(events);
+    monitor.run(policy, observer, cancel).await
 }
 
 /// Resumes a post-copy migration paused by a broken stream, through
@@ -109,6 +112,10 @@ struct Monitor<'a> {
     downtime_limit: Duration,
     paused_guest: bool,
     postcopy: bool,
+    /// The source QEMU's events, watched for the guest's stop.
+    events: Option<tokio::sync::broadcast::Receiver<qmp::Event>>,
+    /// The target was told the guest stopped (and announced it there).
+    told_target: bool,
 }
 
 impl<'a> Monitor<'a> {
@@ -127,6 +134,8 @@ impl<'a> Monitor<'a> {
             downtime_limit: config.downtime_limit,
             paused_guest: false,
             postcopy,
+            events: None,
+            told_target: false,
         }
     }
 
@@ -136,10 +145,24 @@ impl<'a> Monitor<'a> {
         observer: &mut (dyn FnMut(&ProgressSample) + Send),
         cancel: &CancellationToken,
     ) -> Result<SourceCompleted, MigrationError> {
+        let r = self.monitor(policy, observer, cancel).await;
+        if r.is_err() && self.told_target {
+            self.announce_again().await;
+        }
+        r
+    }
+
+    async fn monitor(
+        &mut self,
+        policy: &mut dyn ConvergencePolicy,
+        observer: &mut (dyn FnMut(&ProgressSample) + Send),
+        cancel: &CancellationToken,
+    ) -> Result<SourceCompleted, MigrationError> {
         let q = self.vm.qmp().clone();
         let (mut last_ram, mut last_relay, mut last_move) = (0u64, 0u64, Instant::now());
         let mut tick = tokio::time::interval(self.config.sample_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = self.events.take();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -148,6 +171,15 @@ impl<'a> Monitor<'a> {
                 _ = cancel.cancelled(), if !self.postcopy => {
                     self.cancel_and_wait().await;
                     return Err(MigrationError::Cancelled);
+                }
+                stop = next_stop(&mut events), if events.is_some() => {
+                    if let Some(at) = stop {
+                        // Once is enough: the guest stays stopped from here
+                        // unless the migration fails.
+                        events = None;
+                        self.tell_target(at).await;
+                    }
+                    continue;
                 }
             }
             let info = q
@@ -179,7 +211,7 @@ impl<'a> Monitor<'a> {
                         downtime: Duration::from_millis(info.downtime.unwrap_or(0)),
                         total_time: Duration::from_millis(info.total_time.unwrap_or(0)),
                         relay_forward_bytes: relay_forward,
-                        samples: self.samples,
+                        samples: std::mem::take(&mut self.samples),
                         paused_guest: self.paused_guest,
                         postcopy: self.postcopy,
                     });
@@ -280,6 +312,35 @@ impl<'a> Monitor<'a> {
         Ok(None)
     }
 
+    /// The guest stopped for the switchover (QEMU's `STOP`, or the
+    /// policy's pause): tell the target at once, so that it announces the
+    /// guest on its side while the last state crosses.
+    async fn tell_target(&mut self, at: std::time::SystemTime) {
+        match self.relay.source_stopped(at).await {
+            Ok(true) => self.told_target = true,
+            Ok(false) => {
+                tracing::debug!("no control channel: the target announces the guest when it runs")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not tell the target the guest stopped"),
+        }
+    }
+
+    /// The target announced the guest, but the migration failed and the
+    /// guest runs here again: announce it from here, so that the segment
+    /// stops sending its frames to the target.
+    async fn announce_again(&self) {
+        let q = self.vm.qmp();
+        if !matches!(q.execute(&qmp::QueryStatus {}).await, Ok(s) if s.running) {
+            return;
+        }
+        if let Err(e) = q
+            .execute(&net::AnnounceSelf(net::Announce::default()))
+            .await
+        {
+            tracing::warn!(error = %e, "announce-self on the source after a failed switchover failed");
+        }
+    }
+
     async fn failed(&self, desc: Option<String>) -> MigrationError {
         self.relay.cancel();
         self.resume_if_we_paused().await;
@@ -340,6 +401,25 @@ impl<'a> Monitor<'a> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.resume_if_we_paused().await;
+    }
+}
+
+/// Waits for the next `STOP` among QEMU's events: its time, or `None`
+/// when the events end (then `events` is emptied, so nothing waits on it).
+async fn next_stop(
+    events: &mut Option<tokio::sync::broadcast::Receiver<qmp::Event>>,
+) -> Option<std::time::SystemTime> {
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = events.as_mut()?;
+    loop {
+        match rx.recv().await {
+            Ok(e) if e.name == "STOP" => return Some(e.time()),
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => {
+                *events = None;
+                return None;
+            }
+        }
     }
 }
 

@@ -3,16 +3,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{MigrationConfig, MigrationError, qmp_err};
+use super::{GuestClock, MigrationConfig, MigrationError, qmp_err};
 use crate::agent::net;
 use crate::agent::qemu::{MachineSpec, QemuProcess};
 use crate::agent::qmp::{self, MigrationStatus, QmpError, RunState};
+use crate::agent::relay::SourceStoppedHook;
 use crate::agent::vms::{VmError, VmManager};
 
 /// A prepared migration target: QEMU waiting on its incoming socket.
 #[derive(Debug)]
 pub struct TargetHandle {
     vm: Arc<QemuProcess>,
+    /// The target QEMU's STOP/RESUME events since it started.
+    clock: GuestClock,
 }
 
 /// Starts the target QEMU with `-incoming defer`, sets the same
@@ -74,7 +77,10 @@ pub async fn prepare_target(
         Ok(())
     };
     match setup.await {
-        Ok(()) => Ok(TargetHandle { vm }),
+        Ok(()) => Ok(TargetHandle {
+            clock: GuestClock::watch(vm.qmp()),
+            vm,
+        }),
         Err(e) => {
             let _ = vms.stop(&spec.name, Duration::from_secs(5)).await;
             Err(e)
@@ -86,7 +92,54 @@ impl TargetHandle {
     /// The handle of a target QEMU adopted after an agent restart (its
     /// incoming migration already under way, e.g. in post-copy).
     pub fn adopt(vm: Arc<QemuProcess>) -> TargetHandle {
-        TargetHandle { vm }
+        TargetHandle {
+            clock: GuestClock::watch(vm.qmp()),
+            vm,
+        }
+    }
+
+    /// The target guest's run-state events (its `RESUME` is when it runs
+    /// here, for the real pause).
+    pub fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    /// What the target does when the source says its guest stopped for the
+    /// switchover: until the guest runs here, its QEMU cannot speak for it,
+    /// so the agent drops what queued on the VM's taps before the stop and
+    /// announces the VM's MACs from them (`net::TapHandle`). The segment
+    /// then delivers frames for the VM here, where they wait in the taps'
+    /// queues for the guest instead of being lost on the stopped source.
+    /// `None` when the agent holds no tap of this VM (no mapped network,
+    /// or an adopted QEMU): the target then advertises no control channel.
+    pub fn switchover_hook(&self) -> Option<SourceStoppedHook> {
+        if self.vm.taps().is_empty() {
+            return None;
+        }
+        let vm = self.vm.clone();
+        let events = self.clock.watcher();
+        Some(SourceStoppedHook::new(move |stopped| {
+            if events.borrow().resumed_at.is_some() {
+                // The guest already runs here and announces itself.
+                return;
+            }
+            let lag = std::time::SystemTime::now()
+                .duration_since(stopped)
+                .unwrap_or_default();
+            for tap in vm.taps().iter() {
+                let dropped = tap.discard_queued();
+                match (dropped, tap.announce()) {
+                    (Ok(dropped), Ok(())) => tracing::info!(
+                        vm = %vm.spec().name, tap = tap.name(), dropped, ?lag,
+                        "announced the VM on the target at the source's stop"
+                    ),
+                    (dropped, announced) => tracing::warn!(
+                        vm = %vm.spec().name, tap = tap.name(), ?dropped, ?announced,
+                        "could not announce the VM on the target at the source's stop"
+                    ),
+                }
+            }
+        }))
     }
 
     /// The socket the target relay delivers to.

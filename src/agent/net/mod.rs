@@ -27,10 +27,12 @@
 //! move.
 
 mod announce;
+mod handle;
 mod segment;
 mod tap;
 
 pub use announce::{Announce, AnnounceSelf, SetAnnounceParameters};
+pub use handle::{TapHandle, parse_mac, rarp_frame};
 
 pub use segment::{Segment, SegmentError, enter};
 pub use tap::{

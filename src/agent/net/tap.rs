@@ -43,6 +43,16 @@ pub enum NetError {
         /// What `ip` said.
         stderr: String,
     },
+    /// Opening or using a tap's file failed.
+    #[error("tap {tap}: {what}")]
+    Tap {
+        /// The tap.
+        tap: String,
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 impl NetError {
@@ -51,7 +61,7 @@ impl NetError {
         match self {
             NetError::BadMapping(_) => "BadNetworkMapping",
             NetError::BridgeMissing { .. } => "BridgeMissing",
-            NetError::Spawn { .. } | NetError::Ip { .. } => "TapSetupFailed",
+            NetError::Spawn { .. } | NetError::Ip { .. } | NetError::Tap { .. } => "TapSetupFailed",
         }
     }
 }

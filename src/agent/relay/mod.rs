@@ -45,9 +45,10 @@ pub use meter::{CounterSnapshot, RateLimiter, RelayCounters};
 pub use pump::{FORWARD_CHUNK, PumpError};
 pub use source::{SourceRelay, SourceRelayConfig};
 pub use target::{
-    Authorizer, Delivery, Expected, Incoming, MigrationTable, Refusal, TargetRelay, TargetStats,
+    Authorizer, Delivery, Expected, Incoming, MigrationTable, Refusal, SourceStoppedHook,
+    TargetRelay, TargetStats,
 };
-pub use wire::{Hello, PROTOCOL_VERSION, Reply};
+pub use wire::{Hello, PROTOCOL_VERSION, Reply, Role};
 
 /// Identifies a Migration object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

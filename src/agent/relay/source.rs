@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::meter::{RateLimiter, RelayCounters};
 use super::pump::pump;
 use super::splice::pump_plain;
-use super::wire::{self, Hello, Reply};
+use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role};
 use super::{ChannelReport, ClientTransport, ClockOffset, MigrationRef, RelayError};
 
 /// How long connecting and the handshake to the target may take.
@@ -55,6 +56,7 @@ pub struct SourceRelay {
     cancel: CancellationToken,
     reports: Arc<Mutex<Vec<ChannelReport>>>,
     clock: Arc<Mutex<Option<ClockOffset>>>,
+    control: ControlSlot,
     accept_task: tokio::task::JoinHandle<()>,
 }
 
@@ -72,6 +74,7 @@ impl SourceRelay {
         let cancel = CancellationToken::new();
         let reports = Arc::new(Mutex::new(Vec::new()));
         let clock = Arc::new(Mutex::new(None));
+        let control = ControlSlot::default();
         let accept_task = tokio::spawn(accept_loop(
             listener,
             Arc::new(cfg.clone()),
@@ -81,6 +84,8 @@ impl SourceRelay {
                 cancel: cancel.clone(),
                 reports: reports.clone(),
                 clock: clock.clone(),
+                control: control.clone(),
+                control_asked: Arc::default(),
             },
         ));
         Ok(SourceRelay {
@@ -90,6 +95,7 @@ impl SourceRelay {
             cancel,
             reports,
             clock,
+            control,
             accept_task,
         })
     }
@@ -129,6 +135,31 @@ impl SourceRelay {
         *self.clock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells the target that the source's guest stopped for the switchover
+    /// at `at` (so it can announce the guest on its side at once). `false`
+    /// when the migration has no control channel: a target of an earlier
+    /// release, one with nothing to announce, or one not open yet.
+    pub async fn source_stopped(&self, at: SystemTime) -> Result<bool, RelayError> {
+        let mut slot = self.control.lock().await;
+        let Some(ControlChannel(stream)) = slot.as_mut() else {
+            return Ok(false);
+        };
+        let message = Control::SourceStopped {
+            at_us: super::clock::micros_since_epoch(at),
+        };
+        let sent = tokio::time::timeout(CONNECT_TIMEOUT, wire::write_control(stream, &message))
+            .await
+            .map_err(|_| {
+                RelayError::Handshake("the control channel did not take the message".into())
+            })
+            .and_then(|r| r.map_err(|e| RelayError::Handshake(e.to_string())));
+        if sent.is_err() {
+            // A broken control channel is not used again.
+            *slot = None;
+        }
+        sent.map(|()| true)
+    }
+
     /// Closes every channel and stops accepting.
     pub fn cancel(&self) {
         self.cancel.cancel();
@@ -151,6 +182,22 @@ struct Channels {
     cancel: CancellationToken,
     reports: Arc<Mutex<Vec<ChannelReport>>>,
     clock: Arc<Mutex<Option<ClockOffset>>>,
+    /// The control channel, once open.
+    control: ControlSlot,
+    /// Whether it has been asked for (once per migration).
+    control_asked: Arc<AtomicBool>,
+}
+
+/// The migration's control channel to the target, if it has one.
+type ControlSlot = Arc<tokio::sync::Mutex<Option<ControlChannel>>>;
+
+/// An open control channel.
+struct ControlChannel(Box<dyn Stream>);
+
+impl std::fmt::Debug for ControlChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlChannel")
+    }
 }
 
 async fn accept_loop(listener: UnixListener, cfg: Arc<SourceRelayConfig>, shared: Channels) {
@@ -202,7 +249,67 @@ async fn run_channel(
         migration: cfg.migration.clone(),
         source_host: cfg.source_host.clone(),
         channel: index,
+        role: Role::Stream,
     };
+    let mut remote = connect(cfg, cancel).await?;
+    let (reply, info, offset) = handshake(&mut remote, &hello).await?;
+    if let Some(offset) = offset {
+        let mut best = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if best.is_none_or(|b| offset.error_us <= b.error_us) {
+            *best = Some(offset);
+        }
+    }
+    if let Reply::Refuse { reason, message } = reply {
+        return Err(RelayError::Refused { reason, message });
+    }
+    if info.control && !shared.control_asked.swap(true, Ordering::SeqCst) {
+        let (cfg, shared) = (cfg.clone(), shared.clone());
+        tokio::spawn(async move {
+            match open_control(&cfg, &shared.cancel).await {
+                Ok(c) => *shared.control.lock().await = Some(ControlChannel(c)),
+                Err(e) => tracing::warn!(
+                    migration = %cfg.migration, reason = e.reason(), error = %e,
+                    "the target's control channel could not be opened; the switchover goes without it"
+                ),
+            }
+        });
+    }
+    counters.channel_opened();
+    let r = match remote {
+        Remote::Tls(t) => pump(qemu, t, counters, Some(limiter), cancel).await,
+        Remote::Plain(t) => pump_plain(qemu, t, counters, Some(limiter), cancel).await,
+    };
+    counters.channel_closed();
+    r.map_err(RelayError::from)
+}
+
+/// Opens the migration's control channel (the target advertised one).
+async fn open_control(
+    cfg: &SourceRelayConfig,
+    cancel: &CancellationToken,
+) -> Result<Box<dyn Stream>, RelayError> {
+    let hello = Hello {
+        migration: cfg.migration.clone(),
+        source_host: cfg.source_host.clone(),
+        channel: 0,
+        role: Role::Control,
+    };
+    let mut remote = connect(cfg, cancel).await?;
+    let (reply, _, _) = handshake(&mut remote, &hello).await?;
+    if let Reply::Refuse { reason, message } = reply {
+        return Err(RelayError::Refused { reason, message });
+    }
+    Ok(match remote {
+        Remote::Tls(t) => t,
+        Remote::Plain(t) => Box::new(t),
+    })
+}
+
+/// TCP, then TLS with the target host's name (or plain, benchmarks only).
+async fn connect(
+    cfg: &SourceRelayConfig,
+    cancel: &CancellationToken,
+) -> Result<Remote, RelayError> {
     let connect = async {
         let tcp = TcpStream::connect(cfg.target_addr)
             .await
@@ -227,43 +334,37 @@ async fn run_channel(
             ClientTransport::InsecurePlain => Ok::<_, RelayError>(Remote::Plain(tcp)),
         }
     };
-    let mut remote = tokio::select! {
+    tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => {
-            r.map_err(|_| RelayError::Handshake("connecting to the target timed out".into()))??
+            r.map_err(|_| RelayError::Handshake("connecting to the target timed out".into()))?
         }
-        _ = cancel.cancelled() => return Err(RelayError::Cancelled),
-    };
-    let handshake = async {
-        let s: &mut dyn Stream = match &mut remote {
+        _ = cancel.cancelled() => Err(RelayError::Cancelled),
+    }
+}
+
+/// Sends the Hello and reads the reply, timing the exchange against the
+/// target's clock.
+async fn handshake(
+    remote: &mut Remote,
+    hello: &Hello,
+) -> Result<(Reply, AcceptInfo, Option<ClockOffset>), RelayError> {
+    let exchange = async {
+        let s: &mut dyn Stream = match remote {
             Remote::Tls(t) => t.as_mut(),
             Remote::Plain(t) => t,
         };
         let sent = (SystemTime::now(), Instant::now());
-        wire::write_hello(s, &hello).await?;
-        let (reply, peer_us) = wire::read_reply_clocked(s).await?;
-        let offset = peer_us.map(|us| ClockOffset::from_exchange(sent.0, sent.1.elapsed(), us));
-        Ok::<_, wire::WireError>((reply, offset))
+        wire::write_hello(s, hello).await?;
+        let (reply, info) = wire::read_reply_with(s).await?;
+        let offset = info
+            .clock_us
+            .map(|us| ClockOffset::from_exchange(sent.0, sent.1.elapsed(), us));
+        Ok::<_, wire::WireError>((reply, info, offset))
     };
-    let (reply, offset) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+    tokio::time::timeout(CONNECT_TIMEOUT, exchange)
         .await
         .map_err(|_| RelayError::Handshake("the target did not answer the hello".into()))?
-        .map_err(|e| RelayError::Handshake(e.to_string()))?;
-    if let Some(offset) = offset {
-        let mut best = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if best.is_none_or(|b| offset.error_us <= b.error_us) {
-            *best = Some(offset);
-        }
-    }
-    if let Reply::Refuse { reason, message } = reply {
-        return Err(RelayError::Refused { reason, message });
-    }
-    counters.channel_opened();
-    let r = match remote {
-        Remote::Tls(t) => pump(qemu, t, counters, Some(limiter), cancel).await,
-        Remote::Plain(t) => pump_plain(qemu, t, counters, Some(limiter), cancel).await,
-    };
-    counters.channel_closed();
-    r.map_err(RelayError::from)
+        .map_err(|e| RelayError::Handshake(e.to_string()))
 }
 
 enum Remote {

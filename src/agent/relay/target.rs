@@ -33,7 +33,7 @@ use super::meter::RelayCounters;
 use super::pump::pump;
 use super::source::{Stream, TLS_READ_BUFFER, TLS_WRITE_BUFFER, tune};
 use super::splice::pump_plain;
-use super::wire::{self, Hello, Reply, WireError};
+use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role, WireError};
 use super::{MigrationRef, RefusalReason, RelayError, ServerTransport};
 use crate::agent::pki;
 
@@ -49,6 +49,27 @@ pub struct Delivery {
     pub counters: Arc<RelayCounters>,
     /// Cancelling it closes the migration's channels on the target side.
     pub cancel: CancellationToken,
+    /// What to do when the source says its guest stopped for the
+    /// switchover; with one, streams' Accepts advertise a control channel.
+    pub on_source_stopped: Option<SourceStoppedHook>,
+}
+
+/// Called (on the relay's task, so it must not block) with the source's
+/// stop time when the source's guest stopped for the switchover.
+#[derive(Clone)]
+pub struct SourceStoppedHook(Arc<dyn Fn(std::time::SystemTime) + Send + Sync>);
+
+impl SourceStoppedHook {
+    /// A hook running `f`.
+    pub fn new(f: impl Fn(std::time::SystemTime) + Send + Sync + 'static) -> SourceStoppedHook {
+        SourceStoppedHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for SourceStoppedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceStoppedHook")
+    }
 }
 
 /// A refusal: reason from a closed set, and detail for people.
@@ -110,6 +131,7 @@ impl MigrationTable {
             socket,
             counters: Arc::default(),
             cancel: CancellationToken::new(),
+            on_source_stopped: None,
         };
         let e = Expected {
             migration: migration.clone(),
@@ -118,6 +140,19 @@ impl MigrationTable {
         };
         lock(&self.entries).insert(migration.uid.clone(), e);
         delivery
+    }
+
+    /// Runs `hook` when the source of an expected migration says its guest
+    /// stopped for the switchover (over the control channel this makes the
+    /// target advertise). `false` if the migration is not expected.
+    pub fn on_source_stopped(&self, uid: &str, hook: SourceStoppedHook) -> bool {
+        match lock(&self.entries).get_mut(uid) {
+            Some(e) => {
+                e.delivery.on_source_stopped = Some(hook);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stops expecting a migration and closes its channels.
@@ -441,6 +476,9 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, Some(hello), r);
         }
     };
+    if hello.role == Role::Control {
+        return control(&shared, conn, hello, peer, delivery).await;
+    }
     let qemu = match UnixStream::connect(&delivery.socket).await {
         Ok(s) => s,
         Err(e) => {
@@ -452,8 +490,13 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, Some(hello), r);
         }
     };
-    let clock = super::clock::micros_since_epoch(std::time::SystemTime::now());
-    if let Err(e) = wire::write_reply_clocked(stream, &Reply::Accept, Some(clock)).await {
+    let info = AcceptInfo {
+        clock_us: Some(super::clock::micros_since_epoch(
+            std::time::SystemTime::now(),
+        )),
+        control: delivery.on_source_stopped.is_some(),
+    };
+    if let Err(e) = wire::write_reply_with(stream, &Reply::Accept, info).await {
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
     }
@@ -481,6 +524,43 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
         peer_host: peer,
         error,
     });
+}
+
+/// A migration's control channel: accepted like a stream, then read for
+/// control messages until the source closes it or the migration ends.
+async fn control(shared: &Shared, mut conn: Conn, hello: Hello, peer: String, delivery: Delivery) {
+    let info = AcceptInfo {
+        clock_us: Some(super::clock::micros_since_epoch(
+            std::time::SystemTime::now(),
+        )),
+        control: true,
+    };
+    if let Err(e) = wire::write_reply_with(conn.io(), &Reply::Accept, info).await {
+        tracing::warn!(migration = %hello.migration, error = %e, "relay could not accept a control channel");
+        return;
+    }
+    tracing::info!(migration = %hello.migration, %peer, "relay control channel accepted");
+    loop {
+        let message = tokio::select! {
+            m = wire::read_control(conn.io()) => m,
+            _ = delivery.cancel.cancelled() => return,
+            _ = shared.cancel.cancelled() => return,
+        };
+        match message {
+            Ok(Control::SourceStopped { at_us }) => {
+                tracing::info!(migration = %hello.migration, "the source's guest stopped for the switchover");
+                if let Some(hook) = &delivery.on_source_stopped {
+                    (hook.0)(super::clock::from_micros(at_us));
+                }
+            }
+            // The source closed it (the migration ended) or broke it.
+            Err(WireError::Io(_)) => return,
+            Err(e) => {
+                tracing::warn!(migration = %hello.migration, error = %e, "bad message on a control channel; closed");
+                return;
+            }
+        }
+    }
 }
 
 enum Conn {

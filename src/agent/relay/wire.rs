@@ -7,15 +7,26 @@
 //!  ┌────────┬────────┬──────┬─────────────────┬───────────────────┐
 //!  │ "FRLY" │ ver u16│ kind │ body length u32 │ body (JSON) ≤ 4096 │
 //!  └────────┴────────┴──────┴─────────────────┴───────────────────┘
-//!  kind 1 Hello  (source → target): migration ref, claimed source host, channel
-//!  kind 2 Accept (target → source): {clockUs}    then raw migration bytes both ways
-//!  kind 3 Refuse (target → source): reason + message, then close
+//!  kind 1 Hello   (source → target): migration ref, claimed source host, channel, role
+//!  kind 2 Accept  (target → source): {clockUs, control}   then, for a stream:
+//!                                    raw migration bytes both ways
+//!  kind 3 Refuse  (target → source): reason + message, then close
+//!  kind 4 Control (source → target, control channel only): {type: SourceStopped, atUs}
 //! ```
 //!
 //! `clockUs` is the target's wall clock when it accepted (µs since the
 //! epoch), from which the source estimates the clock offset between the
 //! hosts ([`super::clock`]). It is optional and ignored by peers that do not
 //! know it, so it needs no new protocol version.
+//!
+//! `control: true` in a stream's Accept says the target takes a *control
+//! channel* for the migration: one more connection, authorized like the
+//! streams, whose Hello has `role: Control` and which carries `Control`
+//! frames instead of QEMU's bytes. The source opens it only when a target
+//! advertised it (a target of an earlier release would hand it to QEMU as a
+//! stream), so it too needs no new version. Its one message,
+//! `SourceStopped`, tells the target the source's guest stopped for the
+//! switchover (see `agent::net::handle`).
 //!
 //! Lengths are checked before anything is allocated; a frame of another
 //! version is answered with a `Refuse` of reason `UnsupportedVersion` in the
@@ -45,6 +56,47 @@ pub struct Hello {
     pub source_host: String,
     /// Channel index within the migration (0 = first connection QEMU made).
     pub channel: u32,
+    /// What the connection carries (absent from earlier releases: a stream).
+    #[serde(default, skip_serializing_if = "Role::is_stream")]
+    pub role: Role,
+}
+
+/// What a relay connection carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// QEMU's migration bytes.
+    #[default]
+    Stream,
+    /// The migration's control messages ([`Control`]).
+    Control,
+}
+
+impl Role {
+    fn is_stream(&self) -> bool {
+        *self == Role::Stream
+    }
+}
+
+/// A message on a migration's control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum Control {
+    /// The source's guest stopped for the switchover at `at_us` (the
+    /// source's wall clock, µs since the epoch).
+    #[serde(rename_all = "camelCase")]
+    SourceStopped {
+        /// When QEMU stopped the guest.
+        at_us: i64,
+    },
+}
+
+/// An Accept's details.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptInfo {
+    /// The target's wall clock when it accepted, µs since the epoch.
+    pub clock_us: Option<i64>,
+    /// The target takes a control channel for this migration.
+    pub control: bool,
 }
 
 /// The target's answer.
@@ -70,6 +122,8 @@ struct ReplyBody {
     reply: Reply,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     clock_us: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    control: bool,
 }
 
 /// A handshake failure on the wire.
@@ -98,6 +152,7 @@ pub enum WireError {
 const KIND_HELLO: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
+const KIND_CONTROL: u8 = 4;
 
 async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
@@ -178,13 +233,31 @@ pub async fn write_reply_clocked<W: AsyncWrite + Unpin + ?Sized>(
     reply: &Reply,
     clock_us: Option<i64>,
 ) -> Result<(), WireError> {
+    write_reply_with(
+        w,
+        reply,
+        AcceptInfo {
+            clock_us,
+            control: false,
+        },
+    )
+    .await
+}
+
+/// Sends the reply with an Accept's details.
+pub async fn write_reply_with<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    reply: &Reply,
+    info: AcceptInfo,
+) -> Result<(), WireError> {
     let kind = match reply {
         Reply::Accept => KIND_ACCEPT,
         Reply::Refuse { .. } => KIND_REFUSE,
     };
     let body = ReplyBody {
         reply: reply.clone(),
-        clock_us,
+        clock_us: info.clock_us,
+        control: info.control,
     };
     write_frame(w, kind, &encode(&body)?).await
 }
@@ -198,10 +271,45 @@ pub async fn read_reply<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Repl
 pub async fn read_reply_clocked<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
 ) -> Result<(Reply, Option<i64>), WireError> {
+    read_reply_with(r)
+        .await
+        .map(|(reply, info)| (reply, info.clock_us))
+}
+
+/// Reads the reply and an Accept's details.
+pub async fn read_reply_with<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<(Reply, AcceptInfo), WireError> {
     match read_frame(r).await? {
         (KIND_ACCEPT | KIND_REFUSE, body) => serde_json::from_slice::<ReplyBody>(&body)
-            .map(|b| (b.reply, b.clock_us))
+            .map(|b| {
+                (
+                    b.reply,
+                    AcceptInfo {
+                        clock_us: b.clock_us,
+                        control: b.control,
+                    },
+                )
+            })
             .map_err(|e| WireError::Body(e.to_string())),
+        (k, _) => Err(WireError::Kind(k)),
+    }
+}
+
+/// Sends a control message (control channel only).
+pub async fn write_control<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    message: &Control,
+) -> Result<(), WireError> {
+    write_frame(w, KIND_CONTROL, &encode(message)?).await
+}
+
+/// Reads the next control message.
+pub async fn read_control<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Control, WireError> {
+    match read_frame(r).await? {
+        (KIND_CONTROL, body) => {
+            serde_json::from_slice(&body).map_err(|e| WireError::Body(e.to_string()))
+        }
         (k, _) => Err(WireError::Kind(k)),
     }
 }
@@ -219,6 +327,7 @@ mod tests {
             },
             source_host: "host-a".into(),
             channel: 2,
+            role: Role::Stream,
         }
     }
 
@@ -261,6 +370,58 @@ mod tests {
         let old = serde_json::to_vec(&Reply::Accept).unwrap();
         let b: ReplyBody = serde_json::from_slice(&old).unwrap();
         assert_eq!((b.reply, b.clock_us), (Reply::Accept, None));
+    }
+
+    #[tokio::test]
+    async fn the_control_channel_is_advertised_asked_for_and_carried() {
+        // A stream's Hello reads as it did before roles existed.
+        let plain = serde_json::to_value(hello()).unwrap();
+        assert!(plain.get("role").is_none(), "{plain}");
+        let old: Hello = serde_json::from_value(plain).unwrap();
+        assert_eq!(old.role, Role::Stream);
+        let control = Hello {
+            role: Role::Control,
+            ..hello()
+        };
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &control).await.unwrap();
+        assert_eq!(read_hello(&mut &buf[..]).await.unwrap(), control);
+        // The advertisement rides on the Accept; without it, none is read.
+        let mut buf = Vec::new();
+        let info = AcceptInfo {
+            clock_us: Some(5),
+            control: true,
+        };
+        write_reply_with(&mut buf, &Reply::Accept, info)
+            .await
+            .unwrap();
+        assert_eq!(
+            read_reply_with(&mut &buf[..]).await.unwrap(),
+            (Reply::Accept, info)
+        );
+        let mut buf = Vec::new();
+        write_reply_clocked(&mut buf, &Reply::Accept, Some(5))
+            .await
+            .unwrap();
+        assert!(!read_reply_with(&mut &buf[..]).await.unwrap().1.control);
+        // The message itself.
+        let stopped = Control::SourceStopped {
+            at_us: 1_700_000_000_000_002,
+        };
+        let mut buf = Vec::new();
+        write_control(&mut buf, &stopped).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&buf[HEADER_LEN..]).unwrap(),
+            serde_json::json!({"type": "SourceStopped", "atUs": 1_700_000_000_000_002_i64})
+        );
+        assert_eq!(read_control(&mut &buf[..]).await.unwrap(), stopped);
+        // A stream frame is not a control message.
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &hello()).await.unwrap();
+        assert!(matches!(
+            read_control(&mut &buf[..]).await,
+            Err(WireError::Kind(KIND_HELLO))
+        ));
     }
 
     #[tokio::test]
