@@ -11,8 +11,15 @@
 //!  direct: source QEMU ── migrate tcp:<target>:4444 ──► target QEMU
 //!  ferry:  prepare_target │ QEMU ─unix─► SourceRelay ═TLS 1.3, mTLS═► TargetRelay ─unix─► QEMU
 //!          run_source     │ (relay threads in the source host's namespace, listener in the target's)
+//!                         │ control channel: source STOP ──► target announces the guest from its tap
 //!          wait_running (announce-self), finish_source, tap sweep
 //! ```
+//!
+//! In Ferry's mode the target QEMU is prepared from a thread of the target
+//! host's namespace, as the agent there does, so the agent holds the VM's
+//! tap and announces the guest at the source's stop (docs/networking.md).
+//! QEMU direct has nothing of the kind: its target announces once the guest
+//! runs.
 //!
 //! Both modes start both QEMUs through the agent's `VmManager` from the same
 //! machine definition, set the same capabilities (events on; multifd,

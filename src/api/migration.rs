@@ -253,6 +253,11 @@ pub struct AgentReport {
     /// this host's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_resumed: Option<MicroTime>,
+    /// Target, with `Running`: whether the guest's whole memory had arrived
+    /// here when it started (the incoming migration completed). False in
+    /// post-copy, where the source still holds pages the guest needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_complete: Option<bool>,
     /// Post-copy recovery round: in the source's report the round it asks
     /// for (the stream broke), in the target's the round it listens for.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -297,7 +297,7 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         target_health: target_name.as_deref().map(|t| health(ctx, Some(t))),
         placement: None,
         admission: None,
-        target: target_report(&status),
+        target: target_report(&status, now()),
         source: source_report(&status, now()),
     };
     let vm_id = id(&namespace, &m.spec.vm_name);

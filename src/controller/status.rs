@@ -56,13 +56,17 @@ fn failure(reason: Option<&str>, message: Option<&str>) -> AgentFailure {
     }
 }
 
-/// What the target agent reported.
-pub fn target_report(status: &MigrationStatus) -> TargetReport {
+/// What the target agent reported (`now` dates a report without a time).
+pub fn target_report(status: &MigrationStatus, now: Timestamp) -> TargetReport {
     match status.target.as_ref() {
         None => TargetReport::None,
         Some(r) => match r.state {
             AgentState::Preparing => TargetReport::Preparing,
-            AgentState::Ready | AgentState::Running => TargetReport::Ready,
+            AgentState::Ready => TargetReport::Ready,
+            AgentState::Running => TargetReport::Running {
+                memory_complete: r.memory_complete.unwrap_or(false),
+                since: r.time.as_ref().map_or(now, to_core),
+            },
             AgentState::Failed => TargetReport::Failed(failure(
                 r.reason.as_deref().or(Some("TargetPreparationFailed")),
                 r.message.as_deref(),
@@ -353,6 +357,7 @@ pub fn report(state: AgentState, reason: Option<&str>) -> AgentReport {
         last_progress: None,
         guest_stopped: None,
         guest_resumed: None,
+        memory_complete: None,
         recovery: None,
     }
 }
@@ -440,13 +445,36 @@ mod tests {
 
     #[test]
     fn agent_reports_map_onto_the_core() {
+        let now = Timestamp::from_millis(5_000);
         let mut status = MigrationStatus::default();
-        assert_eq!(target_report(&status), TargetReport::None);
+        assert_eq!(target_report(&status, now), TargetReport::None);
         status.target = Some(report(AgentState::Ready, None));
-        assert_eq!(target_report(&status), TargetReport::Ready);
+        assert_eq!(target_report(&status, now), TargetReport::Ready);
         status.target = Some(report(AgentState::Failed, Some("PeerRejected")));
         assert!(
-            matches!(target_report(&status), TargetReport::Failed(f) if f.reason == FailureReason::PeerRejected)
+            matches!(target_report(&status, now), TargetReport::Failed(f) if f.reason == FailureReason::PeerRejected)
+        );
+        // A target running the guest says whether all its memory is there;
+        // an agent that does not say is taken as not (post-copy).
+        let mut running = report(AgentState::Running, None);
+        running.time = Some(to_api(Timestamp::from_millis(3_000)));
+        status.target = Some(running.clone());
+        assert_eq!(
+            target_report(&status, now),
+            TargetReport::Running {
+                memory_complete: false,
+                since: Timestamp::from_millis(3_000)
+            }
+        );
+        running.memory_complete = Some(true);
+        running.time = None;
+        status.target = Some(running);
+        assert_eq!(
+            target_report(&status, now),
+            TargetReport::Running {
+                memory_complete: true,
+                since: now
+            }
         );
         status.source = Some(report(AgentState::SwitchedOver, None));
         status.downtime_ms = Some(7);

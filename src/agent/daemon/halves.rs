@@ -381,6 +381,7 @@ pub(super) async fn report_half(
         last_progress: None,
         guest_stopped: None,
         guest_resumed: None,
+        memory_complete: None,
         recovery: None,
     };
     report_with(agent, m, role, report, extra).await;

@@ -135,6 +135,7 @@ pub(super) async fn write_progress(
     handle: MigrationHandle,
     mut rx: tokio::sync::watch::Receiver<Option<ProgressSample>>,
     shared: Arc<Mutex<Shared>>,
+    guest: tokio::sync::watch::Receiver<migrate::pause::RunEvents>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -193,8 +194,14 @@ pub(super) async fn write_progress(
             message: None,
             time: None,
             last_progress: last_progress.map(Time),
-            guest_stopped: None,
+            // Kept in the API as soon as the guest stops (post-copy, the
+            // policy's pause): an agent restarted after it still knows when.
+            guest_stopped: guest
+                .borrow()
+                .stopped_at
+                .map(super::target_half::micro_time),
             guest_resumed: None,
+            memory_complete: None,
             recovery: None,
         };
         let patch = serde_json::json!({"status": {"progress": progress, "source": report}});

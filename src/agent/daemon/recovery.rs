@@ -172,6 +172,7 @@ impl SourceRecovery<'_> {
             last_progress: None,
             guest_stopped: None,
             guest_resumed: None,
+            memory_complete: None,
             recovery: Some(round),
         };
         report_with(self.agent, self.m, Role::Source, report, None).await;
@@ -252,6 +253,7 @@ pub(super) async fn serve_target(
                         last_progress: None,
                         guest_stopped: None,
                         guest_resumed: None,
+                        memory_complete: None,
                         recovery: Some(asked),
                     };
                     report_with(agent, m, Role::Target, report, None).await;

@@ -226,6 +226,7 @@ pub(super) async fn source_half(
         agent_handle(agent, m),
         progress_rx,
         shared.clone(),
+        clock.watcher(),
         stop_progress.clone(),
     ));
     let abort = CancellationToken::new();
@@ -376,10 +377,19 @@ pub(super) async fn source_half(
                 "downtimeMs": done.downtime.as_millis() as u64,
                 "durationMs": elapsed_ms,
             });
-            // The real pause: this guest's STOP to the target's RESUME.
-            let stopped = clock.stopped(Duration::from_secs(1)).await;
-            let resumed = current(agent, m)
-                .and_then(|m| m.status.clone())
+            // The real pause: this guest's STOP to the target's RESUME. An
+            // agent restarted after the stop (in post-copy) did not see it:
+            // its progress writes kept it in the API.
+            let status = current(agent, m).and_then(|m| m.status.clone());
+            let stopped = match clock.stopped(Duration::from_secs(1)).await {
+                Some(t) => Some(t),
+                None => status
+                    .as_ref()
+                    .and_then(|s| s.source.as_ref())
+                    .and_then(|r| r.guest_stopped.as_ref())
+                    .map(|t| from_micros(t.0.as_microsecond())),
+            };
+            let resumed = status
                 .and_then(|s| s.target)
                 .and_then(|t| t.guest_resumed)
                 .map(|t| from_micros(t.0.as_microsecond()));
@@ -419,6 +429,7 @@ pub(super) async fn source_half(
                 last_progress: None,
                 guest_stopped: stopped.map(micro_time),
                 guest_resumed: None,
+                memory_complete: None,
                 recovery: None,
             };
             report_with(agent, m, Role::Source, report, Some(extra)).await;

@@ -154,6 +154,15 @@ pub(super) async fn target_half(agent: &Agent, m: &Migration, cancel: &Cancellat
             // QEMU sends RESUME before it answers the query that saw the
             // guest running; give the watcher a moment to have read it.
             let resumed = clock.resumed(Duration::from_secs(2)).await;
+            // Says whether committing the VM here is safe without the
+            // source's word (the controller's fallback, docs/protocol.md).
+            let complete = match handle.memory_complete().await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "cannot tell whether the guest's memory is complete here");
+                    None
+                }
+            };
             let report = AgentReport {
                 state: AgentState::Running,
                 reason: None,
@@ -162,6 +171,7 @@ pub(super) async fn target_half(agent: &Agent, m: &Migration, cancel: &Cancellat
                 last_progress: None,
                 guest_stopped: None,
                 guest_resumed: resumed.map(micro_time),
+                memory_complete: complete,
                 recovery: None,
             };
             report_with(agent, m, Role::Target, report, None).await;

@@ -201,6 +201,18 @@ impl TargetHandle {
         }
     }
 
+    /// Whether the guest's whole memory is here: the incoming migration
+    /// completed (false while post-copy still pulls pages from the source).
+    pub async fn memory_complete(&self) -> Result<bool, MigrationError> {
+        let m = self
+            .vm
+            .qmp()
+            .execute(&qmp::QueryMigrate {})
+            .await
+            .map_err(qmp_err("querying the target's migration"))?;
+        Ok(m.status == Some(MigrationStatus::Completed))
+    }
+
     /// Prepares post-copy recovery after the stream broke: waits until the
     /// target QEMU has noticed (`postcopy-paused`), then listens for the
     /// resumed stream on a fresh socket, which it returns (deliver the

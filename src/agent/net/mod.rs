@@ -13,10 +13,12 @@
 //! A VM's MAC is stable ([`crate::agent::daemon::machine::effective_mac`])
 //! and its tap name is derived from the VM alone ([`tap_name`]), so source
 //! and target of a migration each create the same-named tap on their own
-//! host's bridge. After switchover QEMU's self-announce (RARP from the
-//! target, read from the target's `announce-*` parameters) and the guest's
-//! own traffic teach the bridges where the MAC now lives; the source QEMU is
-//! quit and its tap removed by [`sweep_taps`].
+//! host's bridge. The agent opens each tap and QEMU inherits it
+//! ([`TapHandle`]), so the target agent can announce the guest from its tap
+//! the moment the source stops it, before QEMU could; after switchover
+//! QEMU's self-announce (RARP from the target, read from the target's
+//! `announce-*` parameters) and the guest's own traffic keep the bridges
+//! right. The source QEMU is quit and its tap removed by [`sweep_taps`].
 //!
 //! Tap names are the same on every host, so each host needs its own network
 //! namespace (or machine) — agents sharing one namespace must not map

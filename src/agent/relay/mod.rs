@@ -11,6 +11,11 @@
 //!                                      ◄── Accept/Refuse  Migration's source, for that Migration?
 //! ```
 //!
+//! A target holding the VM's taps also takes a *control channel* per
+//! migration (advertised in the Accept, authorized like a stream), on which
+//! the source says when its guest stopped for the switchover
+//! ([`SourceRelay::source_stopped`], [`SourceStoppedHook`]).
+//!
 //! Each side counts bytes per migration in both directions; the source side
 //! enforces the migration's bandwidth limit with one token bucket shared by
 //! its channels. Cancelling closes every channel, which QEMU sees as a broken

@@ -79,7 +79,7 @@ impl Role {
 
 /// A message on a migration's control channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "type")]
+#[serde(tag = "type")]
 pub enum Control {
     /// The source's guest stopped for the switchover at `at_us` (the
     /// source's wall clock, µs since the epoch).

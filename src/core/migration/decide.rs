@@ -31,6 +31,11 @@ pub const ABORT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// `progressTimeout`, so that the agent, which sees every sample, decides
 /// first and with a better reason.
 pub const PROGRESS_BACKSTOP_SLACK: Duration = Duration::from_secs(15);
+/// How long the controller waits for the source to confirm a switchover
+/// that the target reports done with the guest's whole memory (the source
+/// agent itself reports within 30 s of QEMU's `completed`), before it
+/// commits the VM to the target on the target's word alone.
+pub const SWITCHOVER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Kubernetes Event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,7 +378,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
             }
             match &o.target {
                 TargetReport::Failed(f) => fail(o, f.reason, &f.message, now, true),
-                TargetReport::Ready => Decision::to(
+                TargetReport::Ready | TargetReport::Running { .. } => Decision::to(
                     S::Running {
                         source: source.clone(),
                         target: target.clone(),

@@ -68,7 +68,7 @@ mod tests;
 
 pub use decide::{
     ABORT_ACK_TIMEOUT, Action, Decision, EventType, POLL, PROGRESS_BACKSTOP_SLACK, QUEUE_POLL,
-    WAITING_FOR_SLOT, decide,
+    SWITCHOVER_CONFIRM_TIMEOUT, WAITING_FOR_SLOT, decide,
 };
 pub use reasons::{FailureReason, UnknownReason};
 pub use state::{

@@ -331,6 +331,14 @@ pub enum TargetReport {
     Preparing,
     /// Listening for the stream.
     Ready,
+    /// The guest runs on the target.
+    Running {
+        /// Its whole memory had arrived (the incoming migration completed);
+        /// false in post-copy.
+        memory_complete: bool,
+        /// When the target agent said so.
+        since: Timestamp,
+    },
     /// Could not prepare, or the incoming VM failed.
     Failed(AgentFailure),
 }

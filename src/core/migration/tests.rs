@@ -285,6 +285,136 @@ fn an_unconfirmed_abort_fails_after_the_ack_timeout() {
     ));
 }
 
+fn running(abort: Option<AbortRequest>) -> Observation {
+    base(MigrationState::Running {
+        source: "src".into(),
+        target: "dst".into(),
+        started: T0,
+        abort,
+    })
+}
+
+fn target_runs(memory_complete: bool, since: Timestamp) -> TargetReport {
+    TargetReport::Running {
+        memory_complete,
+        since,
+    }
+}
+
+#[test]
+fn a_guest_running_on_the_target_is_never_failed_back_to_the_source() {
+    let p = EffectivePolicy::default();
+    // An abort asked for long ago and never confirmed: once the target runs
+    // the guest, the source's QEMU has stopped it for good, so failing the
+    // migration (the VM stays on the source) would lose the only copy.
+    let mut o = running(Some(AbortRequest {
+        cause: AbortCause::Failure(FailureReason::CompletionTimeout, "late".into()),
+        at: T0,
+    }));
+    o.source = SourceReport::Transferring { last_progress: T0 };
+    let at = T0.plus(ABORT_ACK_TIMEOUT + Duration::from_secs(5));
+    o.target = target_runs(true, at);
+    let d = decide(&o, &p, at.plus(Duration::from_secs(1)));
+    assert_eq!(
+        (d.next.phase(), d.reason),
+        (Phase::Running, "SwitchingOver")
+    );
+    assert!(
+        d.actions.is_empty(),
+        "no abort is asked for: {:?}",
+        d.actions
+    );
+    // Past every deadline it still waits for the source's word.
+    let mut o = running(None);
+    o.target = target_runs(true, late());
+    let d = decide(&o, &p, late());
+    assert_eq!(d.reason, "SwitchingOver");
+}
+
+#[test]
+fn a_switchover_the_source_cannot_confirm_is_committed_on_the_targets_word() {
+    let p = EffectivePolicy::default();
+    let mut o = running(None);
+    o.source = SourceReport::Transferring { last_progress: T0 };
+    o.target = target_runs(true, T0);
+    let d = decide(&o, &p, T0.plus(SWITCHOVER_CONFIRM_TIMEOUT));
+    assert_eq!(d.reason, "SwitchingOver", "still waiting at the limit");
+    let d = decide(
+        &o,
+        &p,
+        T0.plus(SWITCHOVER_CONFIRM_TIMEOUT + Duration::from_secs(1)),
+    );
+    assert_eq!(d.next.phase(), Phase::Completing);
+    assert!(
+        d.actions
+            .contains(&Action::SetVmHost { host: "dst".into() })
+    );
+    assert!(d.actions.iter().any(|a| matches!(
+        a,
+        Action::EmitEvent {
+            kind: EventType::Warning,
+            reason: "SwitchoverUnconfirmed",
+            ..
+        }
+    )));
+    // A source host that stopped answering cannot confirm: no wait.
+    o.source_health = HostHealth::Unreachable;
+    let d = decide(&o, &p, T0.plus(Duration::from_secs(2)));
+    assert_eq!(d.next.phase(), Phase::Completing, "{}", d.message);
+    assert!(d.message.contains("stopped answering"), "{}", d.message);
+}
+
+#[test]
+fn a_guest_started_on_the_target_without_all_its_memory_is_post_copy() {
+    let p = EffectivePolicy::default();
+    let mut o = running(None);
+    o.source = SourceReport::Transferring { last_progress: T0 };
+    o.target = target_runs(false, T0.plus(Duration::from_secs(3)));
+    let d = decide(&o, &p, now());
+    assert!(
+        matches!(d.next, MigrationState::PostCopy { post_copy_since, .. } if post_copy_since == T0.plus(Duration::from_secs(3))),
+        "{:?}",
+        d.next
+    );
+    // Never committed on the target's word: the source holds pages.
+    o.source_health = HostHealth::Unreachable;
+    let d = decide(&o, &p, late());
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::SetVmHost { .. }))
+    );
+}
+
+#[test]
+fn a_cancel_after_the_guest_started_on_the_target_is_too_late_and_said_so() {
+    let p = EffectivePolicy::default();
+    let mut o = running(None);
+    o.cancel_requested = true;
+    o.target = target_runs(true, T0);
+    let d = decide(&o, &p, now());
+    assert_eq!(d.reason, "CancelTooLate");
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::RequestAbort { .. })),
+        "{:?}",
+        d.actions
+    );
+    let mut o = base(d.next);
+    o.cancel_requested = true;
+    o.source = SourceReport::SwitchedOver { downtime: None };
+    let d = decide(&o, &p, now());
+    assert_eq!(d.next.phase(), Phase::Completing);
+    assert!(d.actions.iter().any(|a| matches!(
+        a,
+        Action::EmitEvent {
+            reason: "AbortTooLate",
+            ..
+        }
+    )));
+}
+
 #[test]
 fn evacuation_waits_for_the_fence_then_commits_the_new_host() {
     let p = EffectivePolicy::default();

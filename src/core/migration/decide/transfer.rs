@@ -2,6 +2,7 @@
 
 use super::ABORT_ACK_TIMEOUT;
 use super::POLL;
+use super::SWITCHOVER_CONFIRM_TIMEOUT;
 use super::{
     AbortCause, AbortRequest, Action, Deadlines, Decision, EventType, FailureReason,
     MigrationState, Observation, PROGRESS_BACKSTOP_SLACK, SourceReport, TargetReport, cancelled,
@@ -80,6 +81,87 @@ pub(super) fn running(
             return d;
         }
         _ => {}
+    }
+    // The guest runs on the target and the source has not said how the
+    // transfer ended. Nothing may now fail the migration back to the
+    // source: its QEMU has stopped the guest for good, and the target's copy
+    // is the one that runs. A guest started without its whole memory is in
+    // post-copy (the source's report of it may still be on its way); one
+    // with all of it has switched over, which the source confirms once it
+    // sees this report — or, if it cannot, the target's word commits it.
+    if let TargetReport::Running {
+        memory_complete,
+        since,
+    } = o.target
+    {
+        if !memory_complete {
+            return Decision::to(
+                S::PostCopy {
+                    source: source.clone(),
+                    target: target.clone(),
+                    started,
+                    post_copy_since: since,
+                },
+                "PostCopy",
+                format!(
+                    "the guest runs on {target} without all its memory (post-copy); \
+                     {source} holds the rest"
+                ),
+            );
+        }
+        let waited = now.since(since);
+        if waited > SWITCHOVER_CONFIRM_TIMEOUT || !healthy(o.source_health) {
+            let why = if healthy(o.source_health) {
+                format!("{source} did not confirm within {}s", waited.as_secs())
+            } else {
+                format!("{source} stopped answering")
+            };
+            let mut d = Decision::to(
+                S::Completing {
+                    source: source.clone(),
+                    target: target.clone(),
+                    switchover: now,
+                    downtime: None,
+                },
+                "SwitchoverUnconfirmed",
+                format!(
+                    "the guest runs on {target} with its whole memory; {why}, so the VM is \
+                     committed to {target} on its agent's word"
+                ),
+            )
+            .with(Action::SetVmHost {
+                host: target.clone(),
+            });
+            if let Some(Action::EmitEvent { kind, .. }) = d.actions.first_mut() {
+                *kind = EventType::Warning;
+            }
+            return d;
+        }
+        if (o.cancel_requested || o.deleted) && abort.is_none() {
+            // Too late to cancel: noted, so that the switchover's Event
+            // says the cancel lost the race; nothing is asked of the source.
+            return Decision::to(
+                S::Running {
+                    source: source.clone(),
+                    target: target.clone(),
+                    started,
+                    abort: Some(AbortRequest {
+                        cause: AbortCause::Cancel,
+                        at: now,
+                    }),
+                },
+                "CancelTooLate",
+                format!(
+                    "cancel requested after the guest started on {target}; the switchover completes"
+                ),
+            );
+        }
+        return Decision::stay(
+            &o.state,
+            "SwitchingOver",
+            format!("the guest runs on {target}; waiting for {source} to confirm the switchover"),
+            POLL,
+        );
     }
     if !healthy(o.source_health) {
         return fail(o, FailureReason::SourceHostLost, source, now, true);
