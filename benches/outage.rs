@@ -58,7 +58,6 @@ use ferry::agent::net::{self, Announce, SetAnnounceParameters};
 use ferry::agent::pki::ClusterCa;
 use ferry::agent::qemu::QemuProcess;
 use ferry::agent::qmp::{self, Event, MigrationStatus};
-use ferry::agent::relay::MigrationRef;
 use net_support::hosts::{Host, KillOnDrop, VM, in_host_ns, spec_in};
 use net_support::outage::{EchoLog, Pinger, longest_gap, migration_link};
 use net_support::{BOOT_TIMEOUT, GUEST_IP, scratch, segment};
@@ -197,18 +196,7 @@ async fn ferry(
     let target = to.prepare_target(spec, config).await?;
     kill.add(target.vm().pid());
     let target_events = target.vm().qmp().events();
-    let migration = MigrationRef {
-        namespace: "bench".into(),
-        name: format!("outage-{n}"),
-        uid: format!("outage-uid-{n}"),
-    };
-    let _delivery = to
-        .table
-        .expect(migration.clone(), from.name, target.incoming_socket());
-    let hook = target
-        .switchover_hook()
-        .ok_or_else(|| anyhow!("the target agent holds no tap of the VM"))?;
-    to.table.on_source_stopped(&migration.uid, hook);
+    let migration = to.expect(from, "outage", n, &target, true)?;
     let relay = from.source_relay(to, &migration, vm, config).await?;
     let mut policy = |_: &[ProgressSample]| Action::Continue;
     let mut observer = |_: &ProgressSample| {};

@@ -8,67 +8,14 @@
 mod net_support;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use ferry::agent::linux_guest::{LinuxGuest, MEMORY_MIB};
-use ferry::agent::machine::{Boot, MachineSpec, NicSpec};
 use ferry::agent::migrate::{MigrationConfig, finish_source, prepare_target};
-use ferry::agent::net::{self, BridgeMap};
+use ferry::agent::net;
 use ferry::agent::qmp;
 use ferry::agent::vms::VmManager;
-use net_support::{CounterClient, GUEST_IP, MAC, guest, in_ns, scratch, segment, switch_port_of};
-
-/// A QEMU "binary" that runs the real one inside network namespace `ns`.
-fn qemu_in(dir: &std::path::Path, ns: &str) -> String {
-    let path = dir.join(format!("qemu-{ns}"));
-    std::fs::write(
-        &path,
-        format!("#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 \"$@\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-/// The VM's definition with its NIC on a tap of `br-ferry` in `ns`.
-fn spec_in(ns: &str, g: &LinuxGuest) -> MachineSpec {
-    let mut spec = MachineSpec::new(
-        "default.web",
-        MEMORY_MIB,
-        Boot::Kernel {
-            kernel: g.kernel.clone(),
-            initrd: Some(g.initrd.clone()),
-            cmdline: Some(LinuxGuest::cmdline(&format!("{GUEST_IP}/24"), None)),
-        },
-    );
-    spec.uuid = uuid::Uuid::from_u128(0x5);
-    spec.nics.push(NicSpec {
-        mac: MAC.into(),
-        tap: None,
-    });
-    in_ns(ns, move || {
-        let bridges = BridgeMap::parse(&["default=br-ferry"]).unwrap();
-        net::prepare_taps(&mut spec, &["default".to_string()], &bridges).unwrap();
-        spec
-    })
-    .join()
-    .unwrap()
-}
-
-/// Kills the QEMUs on the way out, even when an assertion failed.
-struct KillOnDrop(Vec<i32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
+use net_support::hosts::{KillOnDrop, qemu_in, spec_in};
+use net_support::{CounterClient, MAC, guest, in_ns, scratch, segment, switch_port_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_moves_a_networked_vm_and_the_connection_survives() {
@@ -79,13 +26,14 @@ async fn the_agent_moves_a_networked_vm_and_the_connection_survives() {
         seg.host_ns("a").unwrap().to_string(),
         seg.host_ns("b").unwrap().to_string(),
     );
-    let vms_a = VmManager::with_binary(dir.path().join("a"), qemu_in(dir.path(), &ns_a));
-    let vms_b = VmManager::with_binary(dir.path().join("b"), qemu_in(dir.path(), &ns_b));
-    let spec_a = spec_in(&ns_a, &g);
-    let spec_b = spec_in(&ns_b, &g);
+    let vms_a = VmManager::with_binary(dir.path().join("a"), qemu_in(dir.path(), &ns_a).unwrap());
+    let vms_b = VmManager::with_binary(dir.path().join("b"), qemu_in(dir.path(), &ns_b).unwrap());
+    let spec_a = spec_in(&ns_a, &g).await.unwrap();
+    let spec_b = spec_in(&ns_b, &g).await.unwrap();
     assert_eq!(spec_a, spec_b, "source and target define the same machine");
     let source = vms_a.start(&spec_a, false).await.unwrap();
-    let mut guard = KillOnDrop(vec![source.pid()]);
+    let guard = KillOnDrop::default();
+    guard.add(source.pid());
     let client_ns = seg.client_ns().to_string();
     let client = tokio::task::spawn_blocking(move || CounterClient::start(&client_ns))
         .await
@@ -95,7 +43,7 @@ async fn the_agent_moves_a_networked_vm_and_the_connection_survives() {
         ..MigrationConfig::default()
     };
     let target = prepare_target(&vms_b, &spec_b, &config).await.unwrap();
-    guard.0.push(target.vm().pid());
+    guard.add(target.vm().pid());
     source
         .qmp()
         .execute(&qmp::MigrateSetParameters {

@@ -29,7 +29,6 @@ use ferry::agent::net;
 use ferry::agent::pki::ClusterCa;
 use ferry::agent::qemu::QemuProcess;
 use ferry::agent::qmp::{self, MigrationStatus};
-use ferry::agent::relay::MigrationRef;
 use net_support::hosts::{Host, KillOnDrop, in_host_ns, spec_in};
 use net_support::outage::{Pinger, migration_link};
 use net_support::{CounterClient, GUEST_IP, MAC, guest, scratch, segment, switch_port_of};
@@ -86,20 +85,7 @@ async fn migrate_held(
     };
     let target = to.prepare_target(&spec, &config).await.unwrap();
     kill.add(target.vm().pid());
-    let m = MigrationRef {
-        namespace: "default".into(),
-        name: format!("held-{n}"),
-        uid: format!("held-uid-{n}"),
-    };
-    let _delivery = to
-        .table
-        .expect(m.clone(), from.name, target.incoming_socket());
-    if control {
-        let hook = target
-            .switchover_hook()
-            .expect("the target agent holds the VM's tap");
-        assert!(to.table.on_source_stopped(&m.uid, hook));
-    }
+    let m = to.expect(from, "held", n, &target, control).unwrap();
     vm.qmp()
         .execute(&qmp::MigrateSetCapabilities {
             capabilities: vec![qmp::CapabilityState {

@@ -115,6 +115,33 @@ impl Host {
             .await??)
     }
 
+    /// Expects migration `tag`-`n` of `from` into `target` here, as the
+    /// target agent does; with `announce`, the target announces the guest
+    /// at the source's stop (the control channel). Returns the migration.
+    pub fn expect(
+        &self,
+        from: &Host,
+        tag: &str,
+        n: usize,
+        target: &TargetHandle,
+        announce: bool,
+    ) -> anyhow::Result<MigrationRef> {
+        let m = MigrationRef {
+            namespace: "default".into(),
+            name: format!("{tag}-{n}"),
+            uid: format!("{tag}-uid-{n}"),
+        };
+        self.table
+            .expect(m.clone(), from.name, target.incoming_socket());
+        if announce {
+            let hook = target
+                .switchover_hook()
+                .ok_or_else(|| anyhow!("the target agent holds no tap of the VM"))?;
+            self.table.on_source_stopped(&m.uid, hook);
+        }
+        Ok(m)
+    }
+
     /// The source relay of migration `m` of `vm` from here to `to`, over
     /// mutual TLS.
     pub async fn source_relay(
