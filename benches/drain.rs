@@ -20,6 +20,8 @@
 mod common;
 #[path = "../tests/controller_support/mod.rs"]
 mod controller_support;
+#[path = "drain/phases.rs"]
+mod phases;
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +78,13 @@ struct Figures {
     /// Mean rank (0 = first) at which the largest fifth of the VMs started,
     /// as a fraction of the drain: 0 is largest-first, 0.5 is no order.
     big_start: f64,
+    /// HostMaintenance created → first transfer start.
+    head: f64,
+    /// Last switchover → HostMaintenance seen Completed.
+    tail: f64,
+    transfers: Vec<phases::Transfer>,
+    marks: phases::Marks,
+    slots: usize,
 }
 
 async fn drain(vms: usize, rng: &mut Rng) -> Figures {
@@ -96,6 +105,7 @@ async fn drain(vms: usize, rng: &mut Rng) -> Figures {
         "metadata": {"name": "drain"}, "spec": {"host": "h0"},
     }))
     .expect("a HostMaintenance");
+    let marks = phases::record(cluster.client.clone(), cluster.stop.clone());
     let begun = Instant::now();
     Api::<HostMaintenance>::all(cluster.client.clone())
         .create(&PostParams::default(), &hm)
@@ -109,7 +119,9 @@ async fn drain(vms: usize, rng: &mut Rng) -> Figures {
         (hm.status?.phase == MaintenancePhase::Completed).then_some(())
     })
     .await;
-    let drain = begun.elapsed().as_secs_f64();
+    let completed = Instant::now();
+    let drain = (completed - begun).as_secs_f64();
+    let marks = marks.lock().expect("marks").clone();
     let spans = cluster.agents.spans.lock().expect("agent log").clone();
     ctl.shutdown().await;
     assert_eq!(spans.len(), vms, "every VM moved once");
@@ -133,6 +145,20 @@ async fn drain(vms: usize, rng: &mut Rng) -> Figures {
         .map(|(vm, _)| rank(vm) as f64 / vms as f64)
         .sum::<f64>()
         / fifth as f64;
+    let transfers = spans
+        .iter()
+        .map(|(vm, start, end)| phases::Transfer {
+            vm: vm.clone(),
+            start: start.into_std(),
+            end: end.into_std(),
+            ideal: Duration::from_secs_f64(
+                sizes
+                    .iter()
+                    .find(|(name, _)| name == vm)
+                    .map_or(0.0, |(_, m)| seconds(*m)),
+            ),
+        })
+        .collect();
     Figures {
         vms,
         ideal: (total / slots as f64).max(longest),
@@ -140,6 +166,14 @@ async fn drain(vms: usize, rng: &mut Rng) -> Figures {
         span: (last - first).as_secs_f64(),
         drain,
         big_start,
+        head: (first.into_std() - begun).as_secs_f64(),
+        tail: completed
+            .checked_duration_since(last.into_std())
+            .unwrap_or_default()
+            .as_secs_f64(),
+        transfers,
+        marks,
+        slots,
     }
 }
 
@@ -172,6 +206,7 @@ fn main() {
         "big start"
     );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut all = Vec::new();
     for n in sizes {
         let f = runtime.block_on(drain(n, &mut rng));
         println!(
@@ -186,6 +221,19 @@ fn main() {
             f.drain / f.ideal,
             f.big_start
         );
+        all.push(f);
+    }
+    println!();
+    println!(
+        "hand-overs: P = the transfer that ended, N = the next to start in its slot; \
+         each step as a watch on the Migrations first saw it"
+    );
+    for f in &all {
+        println!(
+            "  {} VMs: HostMaintenance created → first transfer {:.3} s; last switchover → Completed seen {:.3} s",
+            f.vms, f.head, f.tail
+        );
+        phases::print(f.vms, &f.transfers, &f.marks, f.slots);
     }
     println!();
     println!(
