@@ -1,9 +1,10 @@
 //! A cluster for controller tests: the embedded API server with Ferry's
-//! CRDs, Host objects with renewed Leases, and *simulated agents* — a test
-//! double that obeys the agent protocol by patching Migration status
-//! (target `Ready`; source `Transferring`, then `SwitchedOver` after a set
-//! transfer time, or `Aborted` when the controller asks) — plus a watcher
-//! that checks the concurrency limits at every change the API records.
+//! CRDs, Host objects with renewed Leases, and *simulated agents*
+//! ([`agents`]) — a watch-driven test double that obeys the agent protocol
+//! by patching Migration status (target `Ready`; source `Transferring`,
+//! then `SwitchedOver` after a set transfer time, or `Aborted` when the
+//! controller asks) — plus a watcher that checks the concurrency limits at
+//! every change the API records.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,10 +23,13 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use ferry::api::{AgentState, Host, Migration, MigrationPhase, VirtualMachine};
+use ferry::api::{Host, Migration, MigrationPhase, VirtualMachine};
 use ferry::controller::ControllerConfig;
 
 use crate::common::TestServer;
+
+mod agents;
+use agents::simulate_agents;
 
 /// The namespace of the test VMs.
 pub const NS: &str = "default";
@@ -405,111 +409,6 @@ async fn renew_leases(client: kube::Client, hosts: Vec<String>, stop: Cancellati
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-        }
-    }
-}
-
-fn report(state: AgentState) -> serde_json::Value {
-    json!({"state": state, "time": k8s_openapi::jiff::Timestamp::now().to_string()})
-}
-
-/// The simulated agents: one pass over every Migration every 50 ms.
-async fn simulate_agents(
-    client: kube::Client,
-    log: Arc<AgentLog>,
-    transfer: Duration,
-    stop: CancellationToken,
-) {
-    let api: Api<Migration> = Api::all(client.clone());
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-        let Ok(list) = api.list(&Default::default()).await else {
-            continue;
-        };
-        for m in list {
-            let ns = m.namespace().unwrap_or_default();
-            let key = format!("{ns}/{}", m.name_any());
-            let status = m.status.clone().unwrap_or_default();
-            let target = status.target.as_ref().map(|r| r.state);
-            let source = status.source.as_ref().map(|r| r.state);
-            let target_host = status.target_host.clone().unwrap_or_default();
-            let patch = match status.phase {
-                MigrationPhase::PreparingTarget if target.is_none() => {
-                    log.prepared_on
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), target_host.clone());
-                    if log.broken_targets.lock().unwrap().contains(&target_host) {
-                        Some(json!({"status": {"target": {
-                            "state": "Failed", "reason": "TargetPreparationFailed",
-                            "message": format!("{target_host}: QEMU could not start the incoming VM"),
-                            "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
-                    } else {
-                        Some(json!({"status": {"target": report(AgentState::Ready)}}))
-                    }
-                }
-                MigrationPhase::Running
-                    if source == Some(AgentState::Transferring)
-                        && log.unconvergeable.lock().unwrap().contains(&m.spec.vm_name) =>
-                {
-                    Some(json!({"status": {"source": {
-                        "state": "Failed", "reason": "NotConverging",
-                        "message": "the guest dirties memory faster than the link carries it",
-                        "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
-                }
-                MigrationPhase::Running
-                    if m.spec.cancel && source != Some(AgentState::SwitchedOver) =>
-                {
-                    (source != Some(AgentState::Aborted))
-                        .then(|| json!({"status": {"source": report(AgentState::Aborted)}}))
-                }
-                MigrationPhase::Running if source.is_none() => {
-                    log.started
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), tokio::time::Instant::now());
-                    Some(json!({"status": {"source": report(AgentState::Transferring)}}))
-                }
-                MigrationPhase::Running if source == Some(AgentState::Transferring) => {
-                    let begun = log.started.lock().unwrap().get(&key).copied();
-                    match begun {
-                        // A transfer begun before a restart of this double.
-                        None => {
-                            log.started
-                                .lock()
-                                .unwrap()
-                                .insert(key.clone(), tokio::time::Instant::now());
-                            None
-                        }
-                        Some(t) if t.elapsed() >= log.transfer_of(&m.spec.vm_name, transfer) => {
-                            log.spans.lock().unwrap().push((
-                                m.spec.vm_name.clone(),
-                                t,
-                                tokio::time::Instant::now(),
-                            ));
-                            *log.moves
-                                .lock()
-                                .unwrap()
-                                .entry(m.spec.vm_name.clone())
-                                .or_default() += 1;
-                            Some(
-                                json!({"status": {"source": report(AgentState::SwitchedOver), "downtimeMs": 12}}),
-                            )
-                        }
-                        Some(_) => None,
-                    }
-                }
-                _ => None,
-            };
-            if let Some(p) = patch {
-                let api: Api<Migration> = Api::namespaced(client.clone(), &ns);
-                let _ = api
-                    .patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(&p))
-                    .await;
-            }
         }
     }
 }
