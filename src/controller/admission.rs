@@ -1,25 +1,80 @@
-//! Admission for the Migration reconciler: the queue as the caches show
-//! it (with the drain batches still being scheduled) handed to
-//! `core::admission::admit`, under the scheduling lock.
+//! Admission for the Migration reconciler: what every Migration asks for
+//! and holds, as the caches show it (with the drain batches still being
+//! scheduled or prepared, and what this controller admitted a moment ago),
+//! handed to `core::admission::admit`, under the scheduling lock.
 
 use std::time::Instant;
 
 use kube::{Resource, ResourceExt};
 
-use crate::api::MAINTENANCE_LABEL;
-use crate::core::admission::{self, ActiveMigration, QueuedMigration};
-use crate::core::migration::AdmissionOutcome;
+use crate::api::migration::AgentState;
+use crate::api::{MAINTENANCE_LABEL, Migration, MigrationPhase, MigrationType};
+use crate::core::admission::{self, ActiveMigration, QueuedMigration, Stage, Step};
+use crate::core::migration::{AdmissionOutcome, Phase};
 use crate::core::policy::EffectivePolicy;
 
-use super::Ctx;
 use super::migration::origin;
 use super::snapshot::id;
 use super::status::{now, to_core};
+use super::{Admitted, Ctx};
 
-/// Ask the queue whether this migration may start (under the lock).
-pub(super) async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> AdmissionOutcome {
+/// The core's phase of an API phase.
+pub(super) fn core_phase(p: MigrationPhase) -> Phase {
+    match p {
+        MigrationPhase::Pending => Phase::Pending,
+        MigrationPhase::Scheduling => Phase::Scheduling,
+        MigrationPhase::Queued => Phase::Queued,
+        MigrationPhase::Scheduled => Phase::Scheduled,
+        MigrationPhase::PreparingTarget => Phase::PreparingTarget,
+        MigrationPhase::Running => Phase::Running,
+        MigrationPhase::PostCopy => Phase::PostCopy,
+        MigrationPhase::Completing => Phase::Completing,
+        MigrationPhase::Succeeded => Phase::Succeeded,
+        MigrationPhase::Failed => Phase::Failed,
+        MigrationPhase::Cancelled => Phase::Cancelled,
+    }
+}
+
+/// What a Migration holds as the cache shows it: its phase, and whether
+/// the source agent has reported the end of the stream.
+pub(super) fn cached_stage(m: &Migration) -> Option<Stage> {
+    let status = m.status.as_ref();
+    let phase = core_phase(status.map(|s| s.phase).unwrap_or_default());
+    let ended = status.and_then(|s| s.source.as_ref()).is_some_and(|r| {
+        matches!(
+            r.state,
+            AgentState::SwitchedOver | AgentState::Aborted | AgentState::Failed
+        )
+    });
+    Stage::of(
+        phase,
+        m.spec.migration_type == MigrationType::Evacuate,
+        ended,
+    )
+}
+
+/// Ask the queue whether this migration, from `source` to `target` as its
+/// state records them (the cache may not show them yet: one reconcile can
+/// choose the target and ask), may take `step` now (under the lock).
+pub(super) async fn admit(
+    ctx: &Ctx,
+    key: &str,
+    (source, target): (&str, &str),
+    step: Step,
+    policy: &EffectivePolicy,
+) -> AdmissionOutcome {
+    let (own_source, own_target) = (source, target);
     let mut recent = ctx.recent.lock().await;
     recent.expire(Instant::now());
+    // Admitted a moment ago and asking again from a cache that does not
+    // show it yet: the answer stands.
+    if recent
+        .admitted
+        .get(key)
+        .is_some_and(|a| a.stage.slot() >= Some(step))
+    {
+        return AdmissionOutcome::Admitted;
+    }
     // Looked up once per admission, not once per Migration (a drain of n
     // VMs asks n times while n Migrations are in the cache).
     let clusters: std::collections::HashMap<String, String> = ctx
@@ -63,18 +118,95 @@ pub(super) async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> Adm
     for other in ctx.migrations.state() {
         let namespace = other.namespace().unwrap_or_default();
         let other_key = id(&namespace, &other.name_any());
-        let status = other.status.clone().unwrap_or_default();
-        let source = status.source_host.clone().unwrap_or_default();
-        let target = status.target_host.clone().unwrap_or_default();
-        let phase = if other_key == key {
-            seen_self = true;
-            crate::api::MigrationPhase::Queued
+        let status = other.status.as_ref();
+        let mine = other_key == key;
+        let recently = recent.admitted.get(&other_key);
+        // Its hosts: as this reconcile's state records them, as admitted a
+        // moment ago, or as cached.
+        let (source, target) = if mine {
+            (own_source.to_string(), own_target.to_string())
+        } else if let Some(a) = recently {
+            (a.source.clone(), a.target.clone())
         } else {
-            status.phase
+            (
+                status
+                    .and_then(|s| s.source_host.clone())
+                    .unwrap_or_default(),
+                status
+                    .and_then(|s| s.target_host.clone())
+                    .unwrap_or_default(),
+            )
         };
-        let held = recent.admitted.contains_key(&other_key);
-        let vm = id(&namespace, &other.spec.vm_name);
+        let phase = status.map(|s| s.phase).unwrap_or_default();
+        let evacuation = other.spec.migration_type == MigrationType::Evacuate;
+        // What it holds: as cached, and what it was admitted to here a
+        // moment ago — with every slot up to it, until a cache shows the
+        // step taken (this cache is not the reconciler's: it may lag behind
+        // the version the admission was decided from).
+        let cached = cached_stage(&other);
+        let admitted = recently.map(|a| a.stage);
+        let stage = cached.max(admitted);
+        let mut holds: Vec<Stage> = cached.into_iter().collect();
+        if admitted > cached {
+            if admitted == Some(Stage::Transferring)
+                && !evacuation
+                && cached < Some(Stage::Preparing)
+            {
+                holds.push(Stage::Preparing);
+            }
+            holds.extend(admitted);
+        }
+        // What it asks for, and whether it is ready to.
+        let mut ask: Option<(Step, bool)> = match (stage, phase) {
+            (None, MigrationPhase::Queued) => Some((
+                if evacuation {
+                    Step::Transfer
+                } else {
+                    Step::Prepare
+                },
+                true,
+            )),
+            (None, MigrationPhase::Pending | MigrationPhase::Scheduling) => {
+                Some((Step::Prepare, false))
+            }
+            (Some(Stage::Preparing), _) if !evacuation => {
+                let ready = phase == MigrationPhase::PreparingTarget
+                    && status
+                        .and_then(|s| s.target.as_ref())
+                        .is_some_and(|r| r.state == AgentState::Ready);
+                Some((Step::Transfer, ready))
+            }
+            _ => None,
+        };
+        // A cancelled one ends at its next look: it asks for nothing.
+        if other.spec.cancel {
+            ask = None;
+        }
         let batch = other.labels().get(MAINTENANCE_LABEL).cloned();
+        if mine {
+            seen_self = true;
+            ask = Some((step, true));
+            if step == Step::Prepare {
+                holds.clear();
+            }
+        }
+        for stage in holds {
+            active.push(ActiveMigration {
+                name: other_key.clone(),
+                vm: id(&namespace, &other.spec.vm_name),
+                cluster: cluster_of(&source),
+                source: source.clone(),
+                target: target.clone(),
+                origin: origin(&other),
+                stage,
+            });
+        }
+        let Some((wants, ready)) = ask else { continue };
+        // Those not ready only hold back the smaller members of their batch.
+        if !ready && batch.is_none() {
+            continue;
+        }
+        let vm = id(&namespace, &other.spec.vm_name);
         let created = other
             .meta()
             .creation_timestamp
@@ -85,43 +217,39 @@ pub(super) async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> Adm
             .as_ref()
             .and_then(|b| drains.get(b).copied())
             .unwrap_or(created);
-        let scheduling = matches!(
-            phase,
-            crate::api::MigrationPhase::Pending | crate::api::MigrationPhase::Scheduling
-        );
-        if (phase == crate::api::MigrationPhase::Queued && !held)
-            || (scheduling && batch.is_some() && !other.spec.cancel)
-        {
-            queue.push(QueuedMigration {
-                name: other_key,
-                size: memory.get(&vm).copied().unwrap_or(0),
-                vm,
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-                priority: 0,
-                queued_at,
-                batch,
-                ready: !scheduling,
-            });
-        } else if phase_of_in_flight(phase) || held {
-            active.push(ActiveMigration {
-                name: other_key,
-                vm: id(&namespace, &other.spec.vm_name),
-                cluster: cluster_of(&source),
-                source,
-                target,
-                origin: origin(&other),
-            });
-        }
+        queue.push(QueuedMigration {
+            name: other_key,
+            size: memory.get(&vm).copied().unwrap_or(0),
+            vm,
+            cluster: cluster_of(&source),
+            source,
+            target,
+            origin: origin(&other),
+            priority: 0,
+            queued_at,
+            batch,
+            wants,
+            ready,
+        });
     }
     if !seen_self {
         return AdmissionOutcome::Waiting("the migration is not in the cache yet".into());
     }
     let plan = admission::admit(&queue, &active, &policy.limits);
     if plan.admitted.iter().any(|n| n == key) {
-        recent.admitted.insert(key.to_string(), Instant::now());
+        let stage = match step {
+            Step::Prepare => Stage::Preparing,
+            Step::Transfer => Stage::Transferring,
+        };
+        recent.admitted.insert(
+            key.to_string(),
+            Admitted {
+                stage,
+                source: own_source.to_string(),
+                target: own_target.to_string(),
+                at: Instant::now(),
+            },
+        );
         AdmissionOutcome::Admitted
     } else {
         let why = plan.waiting.iter().find(|w| w.name == key).map_or_else(
@@ -133,12 +261,4 @@ pub(super) async fn admit(ctx: &Ctx, key: &str, policy: &EffectivePolicy) -> Adm
         );
         AdmissionOutcome::Waiting(why)
     }
-}
-
-pub(super) fn phase_of_in_flight(p: crate::api::MigrationPhase) -> bool {
-    use crate::api::MigrationPhase as P;
-    matches!(
-        p,
-        P::Scheduled | P::PreparingTarget | P::Running | P::PostCopy | P::Completing
-    )
 }

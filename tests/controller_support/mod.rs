@@ -3,33 +3,34 @@
 //! ([`agents`]) — a watch-driven test double that obeys the agent protocol
 //! by patching Migration status (target `Ready`; source `Transferring`,
 //! then `SwitchedOver` after a set transfer time, or `Aborted` when the
-//! controller asks) — plus a watcher that checks the concurrency limits at
-//! every change the API records.
+//! controller asks) — plus a watcher that records, at every change the API
+//! records, what the concurrency limits count ([`limits`]).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use kube::{ResourceExt, runtime::WatchStreamExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use ferry::api::{Host, Migration, MigrationPhase, VirtualMachine};
+use ferry::api::{Host, VirtualMachine};
 use ferry::controller::ControllerConfig;
 
 use crate::common::TestServer;
 
 mod agents;
+mod limits;
 use agents::simulate_agents;
+#[allow(unused_imports)]
+pub use limits::{Counts, Peaks, watch_limits};
 
 /// The namespace of the test VMs.
 pub const NS: &str = "default";
@@ -411,90 +412,6 @@ async fn renew_leases(client: kube::Client, hosts: Vec<String>, stop: Cancellati
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
     }
-}
-
-/// The highest concurrency seen at any recorded instant.
-#[derive(Debug, Default, Clone)]
-pub struct Peaks {
-    pub cluster: usize,
-    pub outbound: BTreeMap<String, usize>,
-    pub inbound: BTreeMap<String, usize>,
-    /// VMs with two migrations in flight at once (must stay empty).
-    pub doubled: BTreeSet<String>,
-    /// Each Migration's last recorded phase and `spec.cancel` (kept after
-    /// it is deleted).
-    pub last: BTreeMap<String, (MigrationPhase, bool)>,
-}
-
-fn in_flight(p: MigrationPhase) -> bool {
-    matches!(
-        p,
-        MigrationPhase::Scheduled
-            | MigrationPhase::PreparingTarget
-            | MigrationPhase::Running
-            | MigrationPhase::PostCopy
-            | MigrationPhase::Completing
-    )
-}
-
-/// Watch every Migration and record the peaks of in-flight migrations,
-/// evaluated after each change in the order the API server recorded them.
-pub fn watch_limits(client: kube::Client, stop: CancellationToken) -> Arc<Mutex<Peaks>> {
-    let peaks = Arc::new(Mutex::new(Peaks::default()));
-    let out = peaks.clone();
-    tokio::spawn(async move {
-        let api: Api<Migration> = Api::all(client);
-        let stream = watcher(api, watcher::Config::default()).applied_objects();
-        futures::pin_mut!(stream);
-        let mut state: BTreeMap<String, Migration> = BTreeMap::new();
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                n = stream.next() => n,
-            };
-            let Some(Ok(m)) = next else { continue };
-            state.insert(
-                format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()),
-                m,
-            );
-            let mut p = peaks.lock().unwrap();
-            for (k, m) in &state {
-                let phase = m.status.as_ref().map(|s| s.phase).unwrap_or_default();
-                p.last.insert(k.clone(), (phase, m.spec.cancel));
-            }
-            let (mut total, mut outb, mut inb) = (
-                0,
-                BTreeMap::<String, usize>::new(),
-                BTreeMap::<String, usize>::new(),
-            );
-            let mut vms = BTreeSet::new();
-            for m in state.values() {
-                let s = m.status.clone().unwrap_or_default();
-                if !in_flight(s.phase) {
-                    continue;
-                }
-                total += 1;
-                *outb
-                    .entry(s.source_host.clone().unwrap_or_default())
-                    .or_default() += 1;
-                *inb.entry(s.target_host.clone().unwrap_or_default())
-                    .or_default() += 1;
-                if !vms.insert(m.spec.vm_name.clone()) {
-                    p.doubled.insert(m.spec.vm_name.clone());
-                }
-            }
-            p.cluster = p.cluster.max(total);
-            for (h, n) in outb {
-                let e = p.outbound.entry(h).or_default();
-                *e = (*e).max(n);
-            }
-            for (h, n) in inb {
-                let e = p.inbound.entry(h).or_default();
-                *e = (*e).max(n);
-            }
-        }
-    });
-    out
 }
 
 /// Poll `f` every 100 ms until it returns Some, for up to `secs` seconds.

@@ -108,6 +108,22 @@ pub(super) fn stimuli() -> Vec<Stimulus> {
             false,
         ),
         ("deadlines passed", |_| {}, true),
+        (
+            "target ready, transfer admitted",
+            |o| {
+                o.target = TargetReport::Ready;
+                o.admission = Some(AdmissionOutcome::Admitted);
+            },
+            false,
+        ),
+        (
+            "target ready, transfer must wait",
+            |o| {
+                o.target = TargetReport::Ready;
+                o.admission = Some(AdmissionOutcome::Waiting("outbound limit".into()));
+            },
+            false,
+        ),
     ]
 }
 
@@ -136,7 +152,7 @@ fn states() -> Vec<(&'static str, MigrationState)> {
             MigrationState::PreparingTarget {
                 source: s.clone(),
                 target: t.clone(),
-                started: T0,
+                scheduled: T0,
             },
         ),
         (
@@ -208,19 +224,19 @@ fn label(s: &MigrationState) -> &'static str {
 
 /// Expected next state for every (state, stimulus), in `stimuli()` order.
 #[rustfmt::skip]
-const EXPECTED: &[(&str, [&str; 20])] = &[
-    ("Pending", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
-    ("Scheduling", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Queued", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
-    ("Queued", ["Queued", "Cancelled", "Cancelled", "Failed", "Queued", "Queued", "Scheduling", "Queued", "Queued", "Scheduled", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Scheduling", "Queued"]),
-    ("Scheduled", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Scheduling", "PreparingTarget"]),
-    ("PreparingTarget", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Running", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed"]),
-    ("Running", ["Running", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running", "Running", "Running", "Running", "Running", "Running+abort", "Running", "PostCopy", "Completing", "Failed", "Failed", "Running", "Running+abort"]),
-    ("Running+abort", ["Running+abort", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "PostCopy", "Completing", "Cancelled", "Failed", "Running+abort", "Failed"]),
-    ("PostCopy", ["PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "Failed", "PostCopy", "PostCopy", "Completing", "PostCopy", "Failed", "PostCopy", "PostCopy"]),
-    ("Completing", ["Completing", "Completing", "Completing", "Failed", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Succeeded", "Completing"]),
-    ("Succeeded", ["Succeeded"; 20]),
-    ("Failed", ["Failed"; 20]),
-    ("Cancelled", ["Cancelled"; 20]),
+const EXPECTED: &[(&str, [&str; 22])] = &[
+    ("Pending", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
+    ("Scheduling", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Queued", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
+    ("Queued", ["Queued", "Cancelled", "Cancelled", "Failed", "Queued", "Queued", "Scheduling", "Queued", "Queued", "Scheduled", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Scheduling", "Queued", "Scheduled", "Queued"]),
+    ("Scheduled", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Scheduling", "PreparingTarget", "PreparingTarget", "PreparingTarget"]),
+    ("PreparingTarget", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed", "Running", "PreparingTarget"]),
+    ("Running", ["Running", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running", "Running", "Running", "Running", "Running", "Running+abort", "Running", "PostCopy", "Completing", "Failed", "Failed", "Running", "Running+abort", "Running", "Running"]),
+    ("Running+abort", ["Running+abort", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "PostCopy", "Completing", "Cancelled", "Failed", "Running+abort", "Failed", "Running+abort", "Running+abort"]),
+    ("PostCopy", ["PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "Failed", "PostCopy", "PostCopy", "Completing", "PostCopy", "Failed", "PostCopy", "PostCopy", "PostCopy", "PostCopy"]),
+    ("Completing", ["Completing", "Completing", "Completing", "Failed", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Succeeded", "Completing", "Completing", "Completing"]),
+    ("Succeeded", ["Succeeded"; 22]),
+    ("Failed", ["Failed"; 22]),
+    ("Cancelled", ["Cancelled"; 22]),
 ];
 
 #[test]
@@ -313,7 +329,7 @@ proptest::proptest! {
     /// switchover.
     #[test]
     fn any_sequence_of_observations_keeps_the_invariants(
-        steps in proptest::collection::vec((0usize..20, 0u64..400, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        steps in proptest::collection::vec((0usize..22, 0u64..400, proptest::bool::ANY, proptest::bool::ANY), 1..40),
         kind in proptest::prop_oneof![
             proptest::strategy::Just(MigrationKind::Live),
             proptest::strategy::Just(MigrationKind::Cold),
@@ -332,7 +348,7 @@ proptest::proptest! {
                 match state.phase() {
                     Phase::Scheduling => 7,
                     Phase::Queued => 9,
-                    Phase::PreparingTarget => 11,
+                    Phase::PreparingTarget => 20,
                     Phase::Running => [13, 14, 15][i % 3],
                     Phase::PostCopy => 15,
                     Phase::Completing => 18,
