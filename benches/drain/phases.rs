@@ -6,15 +6,15 @@
 //! ```text
 //!  slot:  … P transferring ─┤end            N transferring ├─ …
 //!                           │                              │
-//!   P: SwitchedOver report ─► Completing ─► Succeeded      │
-//!   N:            Scheduled ─► PreparingTarget ─► target Ready ─► Running ─► start
+//!   P: SwitchedOver report seen                            │
+//!   N:          (admitted) Scheduled ─► target Ready ─► Running ─► start
 //! ```
 //!
 //! At most `slots` transfers run at once, so the k-th transfer to start
 //! (k ≥ slots) follows the (k − slots)-th to end: that pair is one
 //! hand-over, whatever rule the controller uses to free a slot. A step of
-//! N already taken before P's end (a target prepared ahead) makes its
-//! segment negative; the segments always add up to the gap.
+//! N already taken before P's end (a target prepared ahead) costs nothing
+//! in the chain; the segments add up to the gap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -110,22 +110,28 @@ pub struct Transfer {
     pub ideal: Duration,
 }
 
-/// The segments of a hand-over, in order, with their names.
-pub const SEGMENTS: [&str; 8] = [
-    "P end→SwitchedOver seen",
-    "→P Completing",
-    "→P Succeeded",
-    "→N Scheduled",
-    "→N PreparingTarget",
-    "→N target Ready",
-    "→N Running",
-    "→N start",
+/// The segments of a hand-over, in order, with their names: the chain of
+/// steps from one transfer's end to the next one's start. With targets
+/// prepared ahead (the next migration waits in `PreparingTarget`, its
+/// target ready) that is the whole path; a step of N seen only after P's
+/// end is counted from the step before it.
+pub const SEGMENTS: [&str; 5] = [
+    "P end → SwitchedOver seen",
+    "→ N admitted (Scheduled)",
+    "→ N target Ready",
+    "→ N Running",
+    "→ N transfer starts",
 ];
 
-/// One hand-over: the gap and its segments (seconds, may be negative).
+/// Steps seen around a hand-over, relative to P's end (seconds; negative:
+/// before it). They do not add up: they say what was done ahead.
+pub const AROUND: [&str; 3] = ["N target Ready", "P Completing", "P Succeeded"];
+
+/// One hand-over: the gap and its segments (seconds).
 pub struct Handover {
     pub gap: f64,
     pub segments: [f64; SEGMENTS.len()],
+    pub around: [f64; AROUND.len()],
 }
 
 fn secs(from: Instant, to: Instant) -> f64 {
@@ -149,27 +155,40 @@ pub fn handovers(transfers: &[Transfer], marks: &Marks, slots: usize) -> Vec<Han
         let (Some(pm), Some(nm)) = (marks.get(&p.vm), marks.get(&n.vm)) else {
             continue;
         };
-        let chain = [
-            Some(p.end),
+        let steps = [
             pm.get(&Mark::SwitchedOver).copied(),
-            pm.get(&Mark::Completing).copied(),
-            pm.get(&Mark::Succeeded).copied(),
             nm.get(&Mark::Scheduled).copied(),
-            nm.get(&Mark::PreparingTarget).copied(),
             nm.get(&Mark::TargetReady).copied(),
             nm.get(&Mark::Running).copied(),
-            Some(n.start),
         ];
-        let Some(chain) = chain.into_iter().collect::<Option<Vec<Instant>>>() else {
+        let around = [
+            nm.get(&Mark::TargetReady).copied(),
+            pm.get(&Mark::Completing).copied(),
+            pm.get(&Mark::Succeeded).copied(),
+        ];
+        let (Some(steps), Some(around)) = (
+            steps.into_iter().collect::<Option<Vec<Instant>>>(),
+            around.into_iter().collect::<Option<Vec<Instant>>>(),
+        ) else {
             continue;
         };
+        // The chain: each step at the latest of its own time and the one
+        // before (what was done ahead of P's end costs nothing here).
+        let mut at = p.end;
         let mut segments = [0.0; SEGMENTS.len()];
-        for (i, s) in segments.iter_mut().enumerate() {
-            *s = secs(chain[i], chain[i + 1]);
+        for (i, s) in steps.iter().chain(std::iter::once(&n.start)).enumerate() {
+            let t = (*s).max(at);
+            segments[i] = secs(at, t);
+            at = t;
+        }
+        let mut rel = [0.0; AROUND.len()];
+        for (r, t) in rel.iter_mut().zip(&around) {
+            *r = secs(p.end, *t);
         }
         out.push(Handover {
             gap: secs(p.end, n.start),
             segments,
+            around: rel,
         });
     }
     out
@@ -213,10 +232,39 @@ pub fn print(vms: usize, transfers: &[Transfer], marks: &Marks, slots: usize) {
     for (i, name) in SEGMENTS.iter().enumerate() {
         let v: Vec<f64> = h.iter().map(|x| x.segments[i]).collect();
         println!(
-            "    {name:<26} mean {:>7.3} s  p50 {:>7.3} s  p90 {:>7.3} s",
+            "    {name:<28} mean {:>7.3} s  p50 {:>7.3} s  p90 {:>7.3} s",
             mean(v.iter().copied()),
             quantile(v.clone(), 0.5),
             quantile(v, 0.9),
         );
     }
+    println!("    relative to P's end (negative: before it):");
+    for (i, name) in AROUND.iter().enumerate() {
+        let v: Vec<f64> = h.iter().map(|x| x.around[i]).collect();
+        println!(
+            "      {name:<26} mean {:>7.3} s  p50 {:>7.3} s  p90 {:>7.3} s",
+            mean(v.iter().copied()),
+            quantile(v.clone(), 0.5),
+            quantile(v, 0.9),
+        );
+    }
+}
+
+/// The first transfer's steps, from the HostMaintenance's creation.
+pub fn print_head(begun: Instant, transfers: &[Transfer], marks: &Marks) {
+    let Some(first) = transfers.iter().min_by_key(|t| t.start) else {
+        return;
+    };
+    let Some(m) = marks.get(&first.vm) else {
+        return;
+    };
+    let at = |mark: Mark| m.get(&mark).map_or(f64::NAN, |t| secs(begun, *t));
+    println!(
+        "    first transfer ({}): admitted {:.3} s, target Ready {:.3} s, Running {:.3} s, starts {:.3} s",
+        first.vm,
+        at(Mark::Scheduled),
+        at(Mark::TargetReady),
+        at(Mark::Running),
+        secs(begun, first.start)
+    );
 }

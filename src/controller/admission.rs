@@ -5,6 +5,10 @@
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::api::migration::AgentState;
@@ -16,7 +20,7 @@ use crate::core::policy::EffectivePolicy;
 use super::migration::origin;
 use super::snapshot::id;
 use super::status::{now, to_core};
-use super::{Admitted, Ctx};
+use super::{Admitted, Ctx, Recent};
 
 /// The core's phase of an API phase.
 pub(super) fn core_phase(p: MigrationPhase) -> Phase {
@@ -53,28 +57,17 @@ pub(super) fn cached_stage(m: &Migration) -> Option<Stage> {
     )
 }
 
-/// Ask the queue whether this migration, from `source` to `target` as its
-/// state records them (the cache may not show them yet: one reconcile can
-/// choose the target and ask), may take `step` now (under the lock).
-pub(super) async fn admit(
-    ctx: &Ctx,
-    key: &str,
-    (source, target): (&str, &str),
+/// The migration asking, as its reconcile's state records it.
+struct Own<'a> {
+    key: &'a str,
+    source: &'a str,
+    target: &'a str,
     step: Step,
-    policy: &EffectivePolicy,
-) -> AdmissionOutcome {
-    let (own_source, own_target) = (source, target);
-    let mut recent = ctx.recent.lock().await;
-    recent.expire(Instant::now());
-    // Admitted a moment ago and asking again from a cache that does not
-    // show it yet: the answer stands.
-    if recent
-        .admitted
-        .get(key)
-        .is_some_and(|a| a.stage.slot() >= Some(step))
-    {
-        return AdmissionOutcome::Admitted;
-    }
+}
+
+/// Every Migration's asks and holdings, as the caches and `recent` show
+/// them (with `own` as its reconcile sees it).
+fn gather(ctx: &Ctx, recent: &Recent, own: Option<Own<'_>>) -> Gathered {
     // Looked up once per admission, not once per Migration (a drain of n
     // VMs asks n times while n Migrations are in the cache).
     let clusters: std::collections::HashMap<String, String> = ctx
@@ -91,7 +84,6 @@ pub(super) async fn admit(
     };
     let mut queue = Vec::new();
     let mut active = Vec::new();
-    let mut seen_self = false;
     let memory: std::collections::HashMap<String, u64> = ctx
         .vms
         .state()
@@ -119,12 +111,14 @@ pub(super) async fn admit(
         let namespace = other.namespace().unwrap_or_default();
         let other_key = id(&namespace, &other.name_any());
         let status = other.status.as_ref();
-        let mine = other_key == key;
+        let mine = own.as_ref().is_some_and(|o| o.key == other_key);
         let recently = recent.admitted.get(&other_key);
         // Its hosts: as this reconcile's state records them, as admitted a
         // moment ago, or as cached.
         let (source, target) = if mine {
-            (own_source.to_string(), own_target.to_string())
+            own.as_ref()
+                .map(|o| (o.source.to_string(), o.target.to_string()))
+                .unwrap_or_default()
         } else if let Some(a) = recently {
             (a.source.clone(), a.target.clone())
         } else {
@@ -183,10 +177,9 @@ pub(super) async fn admit(
             ask = None;
         }
         let batch = other.labels().get(MAINTENANCE_LABEL).cloned();
-        if mine {
-            seen_self = true;
-            ask = Some((step, true));
-            if step == Step::Prepare {
+        if let Some(o) = own.as_ref().filter(|_| mine) {
+            ask = Some((o.step, true));
+            if o.step == Step::Prepare {
                 holds.clear();
             }
         }
@@ -232,9 +225,50 @@ pub(super) async fn admit(
             ready,
         });
     }
-    if !seen_self {
+    Gathered { queue, active }
+}
+
+struct Gathered {
+    queue: Vec<QueuedMigration>,
+    active: Vec<ActiveMigration>,
+}
+
+/// Ask the queue whether this migration, from `source` to `target` as its
+/// state records them (the cache may not show them yet: one reconcile can
+/// choose the target and ask), may take `step` now (under the lock).
+pub(super) async fn admit(
+    ctx: &Ctx,
+    key: &str,
+    (source, target): (&str, &str),
+    step: Step,
+    policy: &EffectivePolicy,
+) -> AdmissionOutcome {
+    let mut recent = ctx.recent.lock().await;
+    recent.expire(Instant::now());
+    // Admitted a moment ago and asking again from a cache that does not
+    // show it yet: the answer stands.
+    if recent
+        .admitted
+        .get(key)
+        .is_some_and(|a| a.stage.slot() >= Some(step))
+    {
+        return AdmissionOutcome::Admitted;
+    }
+    if !ctx
+        .migrations
+        .state()
+        .iter()
+        .any(|m| id(&m.namespace().unwrap_or_default(), &m.name_any()) == key)
+    {
         return AdmissionOutcome::Waiting("the migration is not in the cache yet".into());
     }
+    let own = Own {
+        key,
+        source,
+        target,
+        step,
+    };
+    let Gathered { queue, active } = gather(ctx, &recent, Some(own));
     let plan = admission::admit(&queue, &active, &policy.limits);
     if plan.admitted.iter().any(|n| n == key) {
         let stage = match step {
@@ -245,8 +279,8 @@ pub(super) async fn admit(
             key.to_string(),
             Admitted {
                 stage,
-                source: own_source.to_string(),
-                target: own_target.to_string(),
+                source: source.to_string(),
+                target: target.to_string(),
                 at: Instant::now(),
             },
         );
@@ -261,4 +295,70 @@ pub(super) async fn admit(
         );
         AdmissionOutcome::Waiting(why)
     }
+}
+
+/// The waiting Migrations the queue would let take a step now, each under
+/// its own policy's limits: the ones to look at again when a slot is given
+/// up (not every Migration: a drain of n VMs would look n times at n).
+pub(super) async fn wake_set(ctx: &Ctx) -> Vec<ObjectRef<Migration>> {
+    let mut recent = ctx.recent.lock().await;
+    recent.expire(Instant::now());
+    let Gathered { queue, active } = gather(ctx, &recent, None);
+    drop(recent);
+    let vms: HashMap<String, Arc<crate::api::VirtualMachine>> = ctx
+        .vms
+        .state()
+        .into_iter()
+        .map(|v| (id(&v.namespace().unwrap_or_default(), &v.name_any()), v))
+        .collect();
+    let migrations: HashMap<String, Arc<Migration>> = ctx
+        .migrations
+        .state()
+        .into_iter()
+        .map(|m| (id(&m.namespace().unwrap_or_default(), &m.name_any()), m))
+        .collect();
+    // The askers, grouped by the limits they are admitted under.
+    let mut by_limits: Vec<(crate::core::policy::Limits, Vec<String>)> = Vec::new();
+    for q in queue.iter().filter(|q| q.ready) {
+        let Some(m) = migrations.get(&q.name) else {
+            continue;
+        };
+        let (_, policy, _) = ctx.policy_for(vms.get(&q.vm).map(|v| &**v), m.spec.policy.as_deref());
+        match by_limits.iter_mut().find(|(l, _)| *l == policy.limits) {
+            Some((_, names)) => names.push(q.name.clone()),
+            None => by_limits.push((policy.limits, vec![q.name.clone()])),
+        }
+    }
+    let mut wake = Vec::new();
+    for (limits, names) in by_limits {
+        let plan = admission::admit(&queue, &active, &limits);
+        for n in plan.admitted.iter().filter(|n| names.contains(n)) {
+            if let Some(m) = migrations.get(n) {
+                wake.push(ObjectRef::from_obj(&**m));
+            }
+        }
+    }
+    wake
+}
+
+/// Wake the queue once the cache the admission reads shows this Migration
+/// at `written` or later (else the queue would still see the slot held),
+/// or after a second at most.
+pub(super) fn notify_once_cached(ctx: Arc<Ctx>, m: &Migration, written: Phase) {
+    let key = ObjectRef::from_obj(m);
+    tokio::spawn(async move {
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let seen = ctx
+                .migrations
+                .get(&key)
+                .map(|c| core_phase(c.status.as_ref().map(|s| s.phase).unwrap_or_default()));
+            match seen {
+                None => break,
+                Some(p) if p >= written || p.is_terminal() => break,
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+        ctx.slot_freed.notify_one();
+    });
 }

@@ -48,11 +48,14 @@ pub const FINALIZER: &str = "ferry.dev/migration";
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let api = Api::<Migration>::all(ctx.client.clone());
     // A slot given up (a transfer's end, a prepared target starting its
-    // transfer, a migration ending): look at the queue again at once.
+    // transfer, a migration ending): look again at once at the Migrations
+    // the queue now lets go — only those.
     let freed = futures::stream::unfold(ctx.clone(), |ctx| async move {
         ctx.slot_freed.notified().await;
-        Some(((), ctx))
-    });
+        let wake = super::admission::wake_set(&ctx).await;
+        Some((futures::stream::iter(wake), ctx))
+    })
+    .flatten();
     let context = ctx;
     Controller::new(api, watcher::Config::default())
         // A VM names the Migration that holds it: its host written (the
@@ -67,7 +70,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 Some(ObjectRef::<Migration>::new(&name).within(&namespace))
             },
         )
-        .reconcile_all_on(freed)
+        .reconcile_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|r| async move {
@@ -276,14 +279,19 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         return Ok(Requeue::requeue(STALE_RECHECK));
     }
 
+    let mut stale_versions: Vec<String> = Vec::new();
     if !deleted && !state.phase().is_terminal() && !m.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = m.finalizers().to_vec();
         finalizers.push(FINALIZER.to_string());
         let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version()}});
         // Added, the reconcile goes on: the status is its own subresource.
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        let patched = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(ControllerError::api("adding the migration finalizer"))?;
+        // The version it made is older than the status about to be
+        // written: a reconcile of it would decide this step again.
+        stale_versions.extend(patched.resource_version());
     }
 
     let vm = ctx.vms.state().into_iter().find(|v| {
@@ -462,11 +470,12 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         if let Some(before) = m.resource_version()
             && written.resource_version().as_deref() != Some(before.as_str())
         {
+            stale_versions.push(before);
             ctx.recent
                 .lock()
                 .await
                 .acted
-                .insert(key.clone(), (before, Instant::now()));
+                .insert(key.clone(), (stale_versions, Instant::now()));
         }
         if changed_state {
             tracing::info!(
@@ -512,12 +521,10 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                     CoreEventType::Warning => Note::warning,
                 };
                 let action = format!("{:?}", phase_of(&decision.next));
-                ctx.events
-                    .publish(
-                        &regarding,
-                        note(reason, &action, message).about(vm_ref.clone()),
-                    )
-                    .await;
+                ctx.events.enqueue(
+                    &regarding,
+                    note(reason, &action, message).about(vm_ref.clone()),
+                );
             }
             _ => {}
         }
@@ -525,26 +532,21 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     if let Some(d) = &scheduling
         && let Some(host) = &d.chosen
     {
-        ctx.events
-            .publish(
-                &regarding,
-                Note::normal("TargetChosen", "Schedule", chosen_note(host, d))
-                    .about(vm_ref.clone()),
-            )
-            .await;
+        ctx.events.enqueue(
+            &regarding,
+            Note::normal("TargetChosen", "Schedule", chosen_note(host, d)).about(vm_ref.clone()),
+        );
     }
     if decision.reason == machine::WAITING_FOR_SLOT
         && previous_reason.as_ref().map(|(r, _)| r.as_str()) != Some(machine::WAITING_FOR_SLOT)
     {
         // Once when it starts waiting: the queue position changes at every
         // look and would make a new Event each time.
-        ctx.events
-            .publish(
-                &regarding,
-                Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
-                    .about(vm_ref.clone()),
-            )
-            .await;
+        ctx.events.enqueue(
+            &regarding,
+            Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
+                .about(vm_ref.clone()),
+        );
     }
     if decision.next.phase().is_terminal() {
         let mut recent = ctx.recent.lock().await;
@@ -557,7 +559,7 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     let released = m.labels().contains_key(MAINTENANCE_LABEL)
         && releases_batch(state.phase(), decision.next.phase());
     if (freed.is_some() && !free_in_cache) || released {
-        ctx.slot_freed.notify_one();
+        super::admission::notify_once_cached(context.clone(), &m, decision.next.phase());
     }
     Ok(match decision.requeue_after {
         Some(d) if d.is_zero() => Requeue::requeue(Duration::from_millis(50)),

@@ -151,8 +151,9 @@ pub struct Recent {
     pub targets: BTreeMap<String, (InFlight, Instant)>,
     /// Migration id → what it was admitted to.
     pub admitted: BTreeMap<String, Admitted>,
-    /// Migration id → the resourceVersion a status write was decided from.
-    pub acted: BTreeMap<String, (String, Instant)>,
+    /// Migration id → the resourceVersions a status write was decided
+    /// from (the one read, and the one its own finalizer patch made).
+    pub acted: BTreeMap<String, (Vec<String>, Instant)>,
     /// VM id → host chosen by placement.
     pub placed: BTreeMap<String, (String, Instant)>,
     /// VM id → when an evacuation was created for it.
@@ -164,10 +165,10 @@ pub struct Recent {
 impl Recent {
     /// Whether `version` of this Migration is one a status write was
     /// already decided from (the cache has not caught up with the write).
-    /// A newer version forgets it.
+    /// A newer version forgets them.
     pub fn acted_on(&mut self, key: &str, version: Option<&str>) -> bool {
         match (self.acted.get(key), version) {
-            (Some((v, at)), Some(version)) if v == version => {
+            (Some((versions, at)), Some(version)) if versions.iter().any(|v| v == version) => {
                 at.elapsed() < Duration::from_secs(10)
             }
             (Some(_), _) => {

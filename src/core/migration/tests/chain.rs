@@ -161,3 +161,28 @@ fn a_prepared_target_waits_for_a_transfer_slot_and_the_transfer_clock_starts_whe
         }
     ));
 }
+
+#[test]
+fn a_source_that_aborts_on_a_cancel_before_the_request_is_recorded_ends_it_cancelled() {
+    let mut o = base(MigrationState::Running {
+        source: "src".into(),
+        target: "dst".into(),
+        started: T0,
+        abort: None,
+    });
+    o.source = SourceReport::Aborted;
+    o.cancel_requested = true;
+    let d = decide(&o, &EffectivePolicy::default(), now());
+    assert!(matches!(d.next, MigrationState::Cancelled { .. }), "{d:?}");
+    assert!(d.actions.contains(&Action::ClearVmMigration));
+    // Without a cancel, an abort nobody asked for is a failed transfer.
+    o.cancel_requested = false;
+    let d = decide(&o, &EffectivePolicy::default(), now());
+    assert!(matches!(
+        d.next,
+        MigrationState::Failed {
+            reason: FailureReason::TransferFailed,
+            ..
+        }
+    ));
+}
