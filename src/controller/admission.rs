@@ -342,23 +342,38 @@ pub(super) async fn wake_set(ctx: &Ctx) -> Vec<ObjectRef<Migration>> {
 }
 
 /// Wake the queue once the cache the admission reads shows this Migration
-/// at `written` or later (else the queue would still see the slot held),
-/// or after a second at most.
-pub(super) fn notify_once_cached(ctx: Arc<Ctx>, m: &Migration, written: Phase) {
+/// as `shown` says (else the queue would still see the slot held), or
+/// after a second at most.
+pub(super) fn notify_once_cached(
+    ctx: Arc<Ctx>,
+    m: &Migration,
+    shown: impl Fn(&Migration) -> bool + Send + 'static,
+) {
     let key = ObjectRef::from_obj(m);
     tokio::spawn(async move {
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
         while Instant::now() < deadline {
-            let seen = ctx
-                .migrations
-                .get(&key)
-                .map(|c| core_phase(c.status.as_ref().map(|s| s.phase).unwrap_or_default()));
-            match seen {
-                None => break,
-                Some(p) if p >= written || p.is_terminal() => break,
-                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            match ctx.migrations.get(&key) {
+                Some(c) if !shown(&c) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await
+                }
+                _ => break,
             }
         }
         ctx.slot_freed.notify_one();
     });
+}
+
+/// Whether the cached Migration shows `written` or a later phase.
+pub(super) fn shows_phase(written: Phase) -> impl Fn(&Migration) -> bool {
+    move |c| {
+        let p = core_phase(c.status.as_ref().map(|s| s.phase).unwrap_or_default());
+        p >= written || p.is_terminal()
+    }
+}
+
+/// Whether the cached Migration no longer holds a `step` slot (its stream
+/// ended, as the source reported).
+pub(super) fn shows_free(step: Step) -> impl Fn(&Migration) -> bool {
+    move |c| cached_stage(c).and_then(Stage::slot) != Some(step)
 }

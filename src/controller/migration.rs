@@ -372,8 +372,10 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     let freed = frees(state.phase(), decision.next.phase(), evacuation);
     let free_in_cache =
         freed.is_some_and(|f| super::admission::cached_stage(&m).and_then(Stage::slot) != Some(f));
-    if free_in_cache {
-        ctx.slot_freed.notify_one();
+    if let Some(f) = freed.filter(|_| free_in_cache) {
+        // The admission's cache is not this reconcile's: it may not show
+        // the report yet.
+        super::admission::notify_once_cached(context.clone(), &m, super::admission::shows_free(f));
     }
 
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -559,7 +561,11 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     let released = m.labels().contains_key(MAINTENANCE_LABEL)
         && releases_batch(state.phase(), decision.next.phase());
     if (freed.is_some() && !free_in_cache) || released {
-        super::admission::notify_once_cached(context.clone(), &m, decision.next.phase());
+        super::admission::notify_once_cached(
+            context.clone(),
+            &m,
+            super::admission::shows_phase(decision.next.phase()),
+        );
     }
     Ok(match decision.requeue_after {
         Some(d) if d.is_zero() => Requeue::requeue(Duration::from_millis(50)),
