@@ -90,9 +90,13 @@ async fn a_drain_of_many_vms_respects_every_limit_at_every_instant() {
     }
     let p = peaks.lock().unwrap().clone();
     assert!(p.doubled.is_empty(), "{p:?}");
-    assert!(p.cluster <= 3 && p.cluster >= 1, "{p:?}");
-    assert!(p.outbound.values().all(|n| *n <= 2), "{p:?}");
-    assert!(p.inbound.values().all(|n| *n <= 1), "{p:?}");
+    // The limits count transfers; as many targets again may be prepared
+    // ahead, each count within the limits on its own.
+    assert!(p.transfers.within(3, 2, 1), "{p:?}");
+    assert!(p.preparations.within(3, 2, 1), "{p:?}");
+    // Targets were prepared while transfers ran (the watch saw both).
+    assert!(p.transfers.cluster >= 2, "{p:?}");
+    assert!(p.together > 3, "{p:?}");
     // Owned by their maintenance, labelled with it.
     let migs: Api<Migration> = Api::namespaced(cluster.client.clone(), NS);
     let m = migs.get("drain-h0-a0-1").await.unwrap();

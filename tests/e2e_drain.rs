@@ -22,14 +22,14 @@ use ferry::agent::guest::VerifyReport;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const VMS: [&str; 3] = ["alpha", "bravo", "charlie"];
-/// Migration phases in which a migration holds a concurrency slot.
-const IN_FLIGHT: [&str; 5] = [
-    "Scheduled",
-    "PreparingTarget",
-    "Running",
-    "PostCopy",
-    "Completing",
-];
+/// Phases in which a migration's stream is or may be flowing: what the
+/// limits count (until the source reports the end of the stream).
+const TRANSFERRING: [&str; 2] = ["Running", "PostCopy"];
+/// The source's reports that end the stream.
+const STREAM_ENDED: [&str; 3] = ["SwitchedOver", "Aborted", "Failed"];
+/// Phases of a target prepared ahead of its transfer: as many again as the
+/// limits allow, counted on their own.
+const PREPARING: [&str; 2] = ["Scheduled", "PreparingTarget"];
 const FINAL: [&str; 3] = ["Succeeded", "Failed", "Cancelled"];
 
 fn text(out: &std::process::Output) -> String {
@@ -112,6 +112,39 @@ fn drain_migrations(c: &Cluster, hm: &str) -> BTreeMap<String, (String, String)>
         .collect()
 }
 
+/// How many of a drain's migrations transfer from `host`, and how many
+/// have their target prepared, as the limits count them.
+fn streams_from(c: &Cluster, hm: &str, host: &str) -> (usize, usize) {
+    let out = c.jsonpath(
+        &[
+            "get",
+            "mig",
+            "-A",
+            "-l",
+            &format!("ferry.dev/maintenance={hm}"),
+        ],
+        r#"{range .items[*]}{.status.phase} {.status.sourceHost} {.status.source.state}{"\n"}{end}"#,
+    );
+    let (mut transfers, mut preparations) = (0, 0);
+    for l in out.lines() {
+        let mut f = l.split_whitespace();
+        let (phase, source, report) = (
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+        );
+        if source != host {
+            continue;
+        }
+        if TRANSFERRING.contains(&phase) && !STREAM_ENDED.contains(&report) {
+            transfers += 1;
+        } else if PREPARING.contains(&phase) {
+            preparations += 1;
+        }
+    }
+    (transfers, preparations)
+}
+
 /// `kubectl get mig --watch` on a label selector, in the background: the
 /// last phase each VM's Migration was seen in. Killed on drop.
 struct Watch {
@@ -187,17 +220,18 @@ fn draining_a_host_moves_every_vm_elsewhere_one_at_a_time_and_undrain_returns_it
     let out = c.ferry(&["drain", "host-1", "--no-wait"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    // Sample while draining: host-1 stays cordoned, and never more than one
-    // migration leaves it at once.
+    // Sample while draining: host-1 stays cordoned, never more than one
+    // transfer leaves it at once, and one more target at most is prepared.
     let mut most_in_flight = 0;
     let mut seen = BTreeMap::new();
     c.wait_for("the drain to complete", TIMEOUT, || {
         let phase = c.jsonpath(&["get", "hm", "host-1"], "{.status.phase}");
         let migrations = drain_migrations(&c, "host-1");
-        let in_flight = migrations
-            .values()
-            .filter(|(p, s)| s == "host-1" && IN_FLIGHT.contains(&p.as_str()))
-            .count();
+        let (in_flight, preparing) = streams_from(&c, "host-1", "host-1");
+        assert!(
+            preparing <= 1,
+            "{preparing} targets prepared for host-1's next moves: {migrations:?}"
+        );
         most_in_flight = most_in_flight.max(in_flight);
         for (name, (p, _)) in &migrations {
             seen.insert(name.clone(), p.clone());

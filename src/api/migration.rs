@@ -365,10 +365,12 @@ pub struct Progress {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Timestamps {
-    /// Target chosen and slot taken.
+    /// Admitted: the target is chosen and may prepare (the preparation's
+    /// timeout counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled: Option<Time>,
-    /// Transfer started.
+    /// Transfer started: admitted to a transfer slot with the target ready
+    /// (the completion deadline counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<Time>,
     /// Switched to post-copy: the guest began running on the target while

@@ -189,19 +189,29 @@ pub enum BandwidthMode {
     Custom,
 }
 
-/// Concurrency limits (KubeVirt's defaults).
+/// Concurrency limits (KubeVirt's defaults). Each counts transfers:
+/// migrations whose memory stream is or may be flowing (phases `Running`
+/// and `PostCopy`, until the source host reports the switchover or the
+/// abort; an evacuation from its admission to its end). As many migrations
+/// again may have their target prepared meanwhile (phases `Scheduled` and
+/// `PreparingTarget`, counted on their own against the same numbers), so
+/// the next transfer starts as soon as one ends. `Completing` (the VM's new
+/// host being recorded) counts against neither.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
-    /// Migrations in flight in the whole cluster. Default 5 (KubeVirt).
+    /// Transfers at once in the whole cluster (and as many targets being
+    /// prepared ahead of them). Default 5 (KubeVirt).
     #[serde(default = "default_parallel_cluster")]
     #[schemars(range(min = 1, max = 1000))]
     pub parallel_migrations_per_cluster: u32,
-    /// Migrations leaving one host at once. Default 2 (KubeVirt).
+    /// Transfers leaving one host at once (and as many targets being
+    /// prepared for its next ones). Default 2 (KubeVirt).
     #[serde(default = "default_parallel_host")]
     #[schemars(range(min = 1, max = 100))]
     pub parallel_outbound_per_host: u32,
-    /// Migrations arriving at one host at once. Default 2.
+    /// Transfers arriving at one host at once (and as many incoming VMs
+    /// being prepared on it). Default 2.
     #[serde(default = "default_parallel_host")]
     #[schemars(range(min = 1, max = 100))]
     pub parallel_inbound_per_host: u32,

@@ -120,6 +120,13 @@ struct Seen {
 
 /// Records Events, one series per identical event.
 pub struct Recorder {
+    inner: std::sync::Arc<Inner>,
+    /// Events handed over by [`Recorder::enqueue`], recorded in order by one
+    /// task.
+    queue: tokio::sync::mpsc::UnboundedSender<(ObjectReference, Note)>,
+}
+
+struct Inner {
     client: kube::Client,
     instance: String,
     seen: Mutex<HashMap<Key, Seen>>,
@@ -179,17 +186,39 @@ fn bounded(note: &str) -> String {
 }
 
 impl Recorder {
-    /// A recorder reporting as `ferry-controller`, instance `instance`.
+    /// A recorder reporting as `ferry-controller`, instance `instance`
+    /// (within a Tokio runtime: its queue has a task of its own).
     pub fn new(client: kube::Client, instance: &str) -> Self {
-        Self {
+        let inner = std::sync::Arc::new(Inner {
             client,
             instance: instance.to_string(),
             seen: Mutex::default(),
-        }
+        });
+        let (queue, mut events) = tokio::sync::mpsc::unbounded_channel::<(ObjectReference, Note)>();
+        let recorder = inner.clone();
+        tokio::spawn(async move {
+            while let Some((regarding, event)) = events.recv().await {
+                recorder.publish(&regarding, event).await;
+            }
+        });
+        Self { inner, queue }
     }
 
     /// Record `event` about `regarding`; failures are logged, not returned.
     pub async fn publish(&self, regarding: &ObjectReference, event: Note) {
+        self.inner.publish(regarding, event).await;
+    }
+
+    /// Record `event` about `regarding` after the events enqueued before
+    /// it, without waiting: a reconcile that tells a story of several steps
+    /// is not held up by writing it (its next look would wait for it).
+    pub fn enqueue(&self, regarding: &ObjectReference, event: Note) {
+        let _ = self.queue.send((regarding.clone(), event));
+    }
+}
+
+impl Inner {
+    async fn publish(&self, regarding: &ObjectReference, event: Note) {
         if let Err(e) = self.try_publish(regarding, &event).await {
             tracing::debug!(error = %e, reason = %event.reason, "recording an event failed");
         }

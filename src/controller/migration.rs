@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::migration::{RejectedHost, SchedulingDecision as ApiDecision};
 use crate::api::{AUTOMATIC_LABEL, MAINTENANCE_LABEL, Migration, MigrationType, VirtualMachine};
-use crate::core::admission::Origin;
+use crate::core::admission::{Origin, Stage, Step, frees, releases_batch};
 use crate::core::migration::{
     self as machine, Action, EventType as CoreEventType, HostHealth, MigrationKind, Observation,
     PlacementOutcome, VmObservation,
@@ -33,17 +33,29 @@ use super::snapshot::{self, id};
 use super::status::{phase_of, source_report, state_of, status_patch, target_report};
 use super::{ControllerError, Ctx};
 
+/// Most decisions one reconcile follows before writing (`Pending` to
+/// `PreparingTarget` is five).
+const MAX_STEPS: usize = 8;
+
+/// How soon a reconcile that met a stale cache looks again, should the
+/// event of its own write not come first.
+const STALE_RECHECK: Duration = Duration::from_millis(200);
+
 /// The finalizer that lets a deleted Migration be cancelled first.
 pub const FINALIZER: &str = "ferry.dev/migration";
 
 /// Run the Migration controller until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let api = Api::<Migration>::all(ctx.client.clone());
-    // A finished migration frees a slot: look at the queue again at once.
+    // A slot given up (a transfer's end, a prepared target starting its
+    // transfer, a migration ending): look again at once at the Migrations
+    // the queue now lets go — only those.
     let freed = futures::stream::unfold(ctx.clone(), |ctx| async move {
         ctx.slot_freed.notified().await;
-        Some(((), ctx))
-    });
+        let wake = super::admission::wake_set(&ctx).await;
+        Some((futures::stream::iter(wake), ctx))
+    })
+    .flatten();
     let context = ctx;
     Controller::new(api, watcher::Config::default())
         // A VM names the Migration that holds it: its host written (the
@@ -58,7 +70,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 Some(ObjectRef::<Migration>::new(&name).within(&namespace))
             },
         )
-        .reconcile_all_on(freed)
+        .reconcile_on(freed)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|r| async move {
@@ -254,15 +266,32 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     let status = m.status.clone().unwrap_or_default();
     let state = state_of(&status, now());
     let deleted = m.metadata.deletion_timestamp.is_some();
+    // The cache may still show the very version this controller last acted
+    // on, after its own status write: deciding again from it would redo
+    // (or undo) that step. The write's own event brings the next look.
+    if ctx
+        .recent
+        .lock()
+        .await
+        .acted_on(&key, m.resource_version().as_deref())
+    {
+        tracing::debug!(migration = %key, "the cache is behind this controller's last write");
+        return Ok(Requeue::requeue(STALE_RECHECK));
+    }
 
+    let mut stale_versions: Vec<String> = Vec::new();
     if !deleted && !state.phase().is_terminal() && !m.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = m.finalizers().to_vec();
         finalizers.push(FINALIZER.to_string());
         let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version()}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        // Added, the reconcile goes on: the status is its own subresource.
+        let patched = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(ControllerError::api("adding the migration finalizer"))?;
-        return Ok(Requeue::requeue(Duration::ZERO));
+        // The version it made is older than the status about to be
+        // written: a reconcile of it would decide this step again.
+        stale_versions.extend(patched.resource_version());
     }
 
     let vm = ctx.vms.state().into_iter().find(|v| {
@@ -301,11 +330,16 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         source: source_report(&status, now()),
     };
     let vm_id = id(&namespace, &m.spec.vm_name);
+    let evacuation = m.spec.migration_type == MigrationType::Evacuate;
     let mut decision = machine::decide(&observation, &policy, now());
     let mut scheduling = None;
+    // Steps already passed in this reconcile: their actions are carried out
+    // with the last one's, and only where they end is written.
+    let mut passed = Vec::new();
     // The decision may ask for the scheduler's or the queue's answer: give
-    // it and decide again (at most once each).
-    for _ in 0..2 {
+    // it and decide again; a step that looks again at once is followed at
+    // once (`Decision::continues`).
+    for _ in 0..MAX_STEPS {
         if decision.actions.contains(&Action::ScheduleTarget) && observation.placement.is_none() {
             let (outcome, api_decision) = place(ctx, &m, &key, &vm_id, &policy).await;
             observation.placement = Some(outcome);
@@ -313,11 +347,35 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
         } else if decision.actions.contains(&Action::RequestAdmission)
             && observation.admission.is_none()
         {
-            observation.admission = Some(super::admission::admit(ctx, &key, &policy).await);
+            let step = match (observation.state.phase(), evacuation) {
+                (machine::Phase::Queued, false) => Step::Prepare,
+                _ => Step::Transfer,
+            };
+            let hosts = observation.state.hosts().unwrap_or_default();
+            observation.admission =
+                Some(super::admission::admit(ctx, &key, hosts, step, &policy).await);
+        } else if decision.continues(&observation.state) {
+            observation.state = decision.next.clone();
+            observation.placement = None;
+            observation.admission = None;
+            passed.append(&mut decision.actions);
         } else {
             break;
         }
         decision = machine::decide(&observation, &policy, now());
+    }
+    passed.append(&mut decision.actions);
+    decision.actions = passed;
+    // A slot given up: the queue looks again. At once when the cache
+    // already shows it free (the source reported the end of its stream),
+    // else once the new phase is written.
+    let freed = frees(state.phase(), decision.next.phase(), evacuation);
+    let free_in_cache =
+        freed.is_some_and(|f| super::admission::cached_stage(&m).and_then(Stage::slot) != Some(f));
+    if let Some(f) = freed.filter(|_| free_in_cache) {
+        // The admission's cache is not this reconcile's: it may not show
+        // the report yet.
+        super::admission::notify_once_cached(context.clone(), &m, super::admission::shows_free(f));
     }
 
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -407,9 +465,20 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                 serde_json::json!(m.metadata.generation),
             );
         }
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        let written = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(ControllerError::api("writing the migration status"))?;
+        if let Some(before) = m.resource_version()
+            && written.resource_version().as_deref() != Some(before.as_str())
+        {
+            stale_versions.push(before);
+            ctx.recent
+                .lock()
+                .await
+                .acted
+                .insert(key.clone(), (stale_versions, Instant::now()));
+        }
         if changed_state {
             tracing::info!(
                 migration = %key,
@@ -454,12 +523,10 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
                     CoreEventType::Warning => Note::warning,
                 };
                 let action = format!("{:?}", phase_of(&decision.next));
-                ctx.events
-                    .publish(
-                        &regarding,
-                        note(reason, &action, message).about(vm_ref.clone()),
-                    )
-                    .await;
+                ctx.events.enqueue(
+                    &regarding,
+                    note(reason, &action, message).about(vm_ref.clone()),
+                );
             }
             _ => {}
         }
@@ -467,34 +534,38 @@ async fn reconcile(m: Arc<Migration>, context: Arc<Context>) -> Result<Requeue, 
     if let Some(d) = &scheduling
         && let Some(host) = &d.chosen
     {
-        ctx.events
-            .publish(
-                &regarding,
-                Note::normal("TargetChosen", "Schedule", chosen_note(host, d))
-                    .about(vm_ref.clone()),
-            )
-            .await;
+        ctx.events.enqueue(
+            &regarding,
+            Note::normal("TargetChosen", "Schedule", chosen_note(host, d)).about(vm_ref.clone()),
+        );
     }
     if decision.reason == machine::WAITING_FOR_SLOT
         && previous_reason.as_ref().map(|(r, _)| r.as_str()) != Some(machine::WAITING_FOR_SLOT)
     {
         // Once when it starts waiting: the queue position changes at every
         // look and would make a new Event each time.
-        ctx.events
-            .publish(
-                &regarding,
-                Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
-                    .about(vm_ref.clone()),
-            )
-            .await;
-    }
-    if decision.next.phase().is_terminal() && !state.phase().is_terminal() {
-        ctx.slot_freed.notify_one();
+        ctx.events.enqueue(
+            &regarding,
+            Note::normal(machine::WAITING_FOR_SLOT, "Admit", decision.message.clone())
+                .about(vm_ref.clone()),
+        );
     }
     if decision.next.phase().is_terminal() {
         let mut recent = ctx.recent.lock().await;
         recent.targets.remove(&key);
         recent.admitted.remove(&key);
+    } else if Stage::of(decision.next.phase(), evacuation, false).is_none() {
+        // Back to scheduling: it holds nothing any more.
+        ctx.recent.lock().await.admitted.remove(&key);
+    }
+    let released = m.labels().contains_key(MAINTENANCE_LABEL)
+        && releases_batch(state.phase(), decision.next.phase());
+    if (freed.is_some() && !free_in_cache) || released {
+        super::admission::notify_once_cached(
+            context.clone(),
+            &m,
+            super::admission::shows_phase(decision.next.phase()),
+        );
     }
     Ok(match decision.requeue_after {
         Some(d) if d.is_zero() => Requeue::requeue(Duration::from_millis(50)),

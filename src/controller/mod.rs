@@ -132,13 +132,28 @@ impl ControllerError {
     }
 }
 
+/// An admission, until the caches show it.
+pub struct Admitted {
+    /// The stage admitted to.
+    pub stage: crate::core::admission::Stage,
+    /// Source host.
+    pub source: String,
+    /// Target host.
+    pub target: String,
+    /// When.
+    pub at: Instant,
+}
+
 /// Decisions taken but perhaps not yet visible in the caches.
 #[derive(Default)]
 pub struct Recent {
     /// Migration id → the target it reserved (Queued and later).
     pub targets: BTreeMap<String, (InFlight, Instant)>,
-    /// Migration id → admitted at.
-    pub admitted: BTreeMap<String, Instant>,
+    /// Migration id → what it was admitted to.
+    pub admitted: BTreeMap<String, Admitted>,
+    /// Migration id → the resourceVersions a status write was decided
+    /// from (the one read, and the one its own finalizer patch made).
+    pub acted: BTreeMap<String, (Vec<String>, Instant)>,
     /// VM id → host chosen by placement.
     pub placed: BTreeMap<String, (String, Instant)>,
     /// VM id → when an evacuation was created for it.
@@ -148,13 +163,31 @@ pub struct Recent {
 }
 
 impl Recent {
+    /// Whether `version` of this Migration is one a status write was
+    /// already decided from (the cache has not caught up with the write).
+    /// A newer version forgets them.
+    pub fn acted_on(&mut self, key: &str, version: Option<&str>) -> bool {
+        match (self.acted.get(key), version) {
+            (Some((versions, at)), Some(version)) if versions.iter().any(|v| v == version) => {
+                at.elapsed() < Duration::from_secs(10)
+            }
+            (Some(_), _) => {
+                self.acted.remove(key);
+                false
+            }
+            (None, _) => false,
+        }
+    }
+
     /// Forget what the caches must show by now.
     pub fn expire(&mut self, now: Instant) {
         const HORIZON: Duration = Duration::from_secs(10);
         self.targets
             .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
         self.admitted
-            .retain(|_, at| now.duration_since(*at) < HORIZON);
+            .retain(|_, a| now.duration_since(a.at) < HORIZON);
+        self.acted
+            .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
         self.placed
             .retain(|_, (_, at)| now.duration_since(*at) < HORIZON);
         self.evacuations
@@ -186,8 +219,9 @@ pub struct Ctx {
     pub recent: Mutex<Recent>,
     /// Lease renewals seen.
     pub leases_seen: std::sync::Mutex<health::LeaseTracker>,
-    /// Woken when a migration leaves the limits' count (it finished), so
-    /// queued migrations are looked at again at once, not at the next poll.
+    /// Woken when a migration gives up a slot (its transfer ended, its
+    /// prepared target started the transfer, it failed), so waiting
+    /// migrations are looked at again at once, not at the next poll.
     pub slot_freed: tokio::sync::Notify,
     /// Records the Events users see (`kubectl describe`, `kubectl events`).
     pub events: events::Recorder,

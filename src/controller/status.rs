@@ -6,8 +6,8 @@
 //! | state | recorded as |
 //! |---|---|
 //! | hosts of `Queued` … `Succeeded` | `sourceHost`, `targetHost` |
-//! | `Scheduled.scheduled` | `timestamps.scheduled` |
-//! | `started` | `timestamps.started` |
+//! | `Scheduled.scheduled`, `PreparingTarget.scheduled` | `timestamps.scheduled` |
+//! | `started` (the transfer's start) | `timestamps.started` |
 //! | `Running.abort` | condition `AbortRequested` (reason = cause, time = when) |
 //! | `PostCopy.post_copy_since` | `timestamps.postCopy` |
 //! | `Completing.switchover`, `downtime` | `timestamps.switchover`, `downtimeMs` |
@@ -123,7 +123,7 @@ pub fn state_of(status: &MigrationStatus, now: Timestamp) -> MigrationState {
         MigrationPhase::PreparingTarget => MigrationState::PreparingTarget {
             source,
             target,
-            started: at(&ts.started),
+            scheduled: at(&ts.scheduled),
         },
         MigrationPhase::Running => MigrationState::Running {
             source,
@@ -214,7 +214,9 @@ pub fn status_patch(
     let (mut downtime, mut failure_reason) = (None, None);
     match state {
         MigrationState::Scheduled { scheduled, .. } => ts.scheduled = Some(to_api(*scheduled)),
-        MigrationState::PreparingTarget { started, .. } => ts.started = Some(to_api(*started)),
+        MigrationState::PreparingTarget { scheduled, .. } => {
+            ts.scheduled = Some(to_api(*scheduled))
+        }
         MigrationState::Running {
             started, abort: a, ..
         } => {
@@ -391,7 +393,7 @@ mod tests {
         roundtrip(MigrationState::PreparingTarget {
             source: s.clone(),
             target: g.clone(),
-            started: t,
+            scheduled: t,
         });
         roundtrip(MigrationState::Running {
             source: s.clone(),

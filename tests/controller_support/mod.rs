@@ -1,31 +1,36 @@
 //! A cluster for controller tests: the embedded API server with Ferry's
-//! CRDs, Host objects with renewed Leases, and *simulated agents* — a test
-//! double that obeys the agent protocol by patching Migration status
-//! (target `Ready`; source `Transferring`, then `SwitchedOver` after a set
-//! transfer time, or `Aborted` when the controller asks) — plus a watcher
-//! that checks the concurrency limits at every change the API records.
+//! CRDs, Host objects with renewed Leases, and *simulated agents*
+//! ([`agents`]) — a watch-driven test double that obeys the agent protocol
+//! by patching Migration status (target `Ready`; source `Transferring`,
+//! then `SwitchedOver` after a set transfer time, or `Aborted` when the
+//! controller asks) — plus a watcher that records, at every change the API
+//! records, what the concurrency limits count ([`limits`]).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use kube::{ResourceExt, runtime::WatchStreamExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use ferry::api::{AgentState, Host, Migration, MigrationPhase, VirtualMachine};
+use ferry::api::{Host, VirtualMachine};
 use ferry::controller::ControllerConfig;
 
 use crate::common::TestServer;
+
+mod agents;
+mod limits;
+use agents::simulate_agents;
+#[allow(unused_imports)]
+pub use limits::{Counts, Peaks, watch_limits};
 
 /// The namespace of the test VMs.
 pub const NS: &str = "default";
@@ -407,195 +412,6 @@ async fn renew_leases(client: kube::Client, hosts: Vec<String>, stop: Cancellati
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
     }
-}
-
-fn report(state: AgentState) -> serde_json::Value {
-    json!({"state": state, "time": k8s_openapi::jiff::Timestamp::now().to_string()})
-}
-
-/// The simulated agents: one pass over every Migration every 50 ms.
-async fn simulate_agents(
-    client: kube::Client,
-    log: Arc<AgentLog>,
-    transfer: Duration,
-    stop: CancellationToken,
-) {
-    let api: Api<Migration> = Api::all(client.clone());
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-        let Ok(list) = api.list(&Default::default()).await else {
-            continue;
-        };
-        for m in list {
-            let ns = m.namespace().unwrap_or_default();
-            let key = format!("{ns}/{}", m.name_any());
-            let status = m.status.clone().unwrap_or_default();
-            let target = status.target.as_ref().map(|r| r.state);
-            let source = status.source.as_ref().map(|r| r.state);
-            let target_host = status.target_host.clone().unwrap_or_default();
-            let patch = match status.phase {
-                MigrationPhase::PreparingTarget if target.is_none() => {
-                    log.prepared_on
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), target_host.clone());
-                    if log.broken_targets.lock().unwrap().contains(&target_host) {
-                        Some(json!({"status": {"target": {
-                            "state": "Failed", "reason": "TargetPreparationFailed",
-                            "message": format!("{target_host}: QEMU could not start the incoming VM"),
-                            "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
-                    } else {
-                        Some(json!({"status": {"target": report(AgentState::Ready)}}))
-                    }
-                }
-                MigrationPhase::Running
-                    if source == Some(AgentState::Transferring)
-                        && log.unconvergeable.lock().unwrap().contains(&m.spec.vm_name) =>
-                {
-                    Some(json!({"status": {"source": {
-                        "state": "Failed", "reason": "NotConverging",
-                        "message": "the guest dirties memory faster than the link carries it",
-                        "time": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
-                }
-                MigrationPhase::Running
-                    if m.spec.cancel && source != Some(AgentState::SwitchedOver) =>
-                {
-                    (source != Some(AgentState::Aborted))
-                        .then(|| json!({"status": {"source": report(AgentState::Aborted)}}))
-                }
-                MigrationPhase::Running if source.is_none() => {
-                    log.started
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), tokio::time::Instant::now());
-                    Some(json!({"status": {"source": report(AgentState::Transferring)}}))
-                }
-                MigrationPhase::Running if source == Some(AgentState::Transferring) => {
-                    let begun = log.started.lock().unwrap().get(&key).copied();
-                    match begun {
-                        // A transfer begun before a restart of this double.
-                        None => {
-                            log.started
-                                .lock()
-                                .unwrap()
-                                .insert(key.clone(), tokio::time::Instant::now());
-                            None
-                        }
-                        Some(t) if t.elapsed() >= log.transfer_of(&m.spec.vm_name, transfer) => {
-                            log.spans.lock().unwrap().push((
-                                m.spec.vm_name.clone(),
-                                t,
-                                tokio::time::Instant::now(),
-                            ));
-                            *log.moves
-                                .lock()
-                                .unwrap()
-                                .entry(m.spec.vm_name.clone())
-                                .or_default() += 1;
-                            Some(
-                                json!({"status": {"source": report(AgentState::SwitchedOver), "downtimeMs": 12}}),
-                            )
-                        }
-                        Some(_) => None,
-                    }
-                }
-                _ => None,
-            };
-            if let Some(p) = patch {
-                let api: Api<Migration> = Api::namespaced(client.clone(), &ns);
-                let _ = api
-                    .patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(&p))
-                    .await;
-            }
-        }
-    }
-}
-
-/// The highest concurrency seen at any recorded instant.
-#[derive(Debug, Default, Clone)]
-pub struct Peaks {
-    pub cluster: usize,
-    pub outbound: BTreeMap<String, usize>,
-    pub inbound: BTreeMap<String, usize>,
-    /// VMs with two migrations in flight at once (must stay empty).
-    pub doubled: BTreeSet<String>,
-    /// Each Migration's last recorded phase and `spec.cancel` (kept after
-    /// it is deleted).
-    pub last: BTreeMap<String, (MigrationPhase, bool)>,
-}
-
-fn in_flight(p: MigrationPhase) -> bool {
-    matches!(
-        p,
-        MigrationPhase::Scheduled
-            | MigrationPhase::PreparingTarget
-            | MigrationPhase::Running
-            | MigrationPhase::PostCopy
-            | MigrationPhase::Completing
-    )
-}
-
-/// Watch every Migration and record the peaks of in-flight migrations,
-/// evaluated after each change in the order the API server recorded them.
-pub fn watch_limits(client: kube::Client, stop: CancellationToken) -> Arc<Mutex<Peaks>> {
-    let peaks = Arc::new(Mutex::new(Peaks::default()));
-    let out = peaks.clone();
-    tokio::spawn(async move {
-        let api: Api<Migration> = Api::all(client);
-        let stream = watcher(api, watcher::Config::default()).applied_objects();
-        futures::pin_mut!(stream);
-        let mut state: BTreeMap<String, Migration> = BTreeMap::new();
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                n = stream.next() => n,
-            };
-            let Some(Ok(m)) = next else { continue };
-            state.insert(
-                format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()),
-                m,
-            );
-            let mut p = peaks.lock().unwrap();
-            for (k, m) in &state {
-                let phase = m.status.as_ref().map(|s| s.phase).unwrap_or_default();
-                p.last.insert(k.clone(), (phase, m.spec.cancel));
-            }
-            let (mut total, mut outb, mut inb) = (
-                0,
-                BTreeMap::<String, usize>::new(),
-                BTreeMap::<String, usize>::new(),
-            );
-            let mut vms = BTreeSet::new();
-            for m in state.values() {
-                let s = m.status.clone().unwrap_or_default();
-                if !in_flight(s.phase) {
-                    continue;
-                }
-                total += 1;
-                *outb
-                    .entry(s.source_host.clone().unwrap_or_default())
-                    .or_default() += 1;
-                *inb.entry(s.target_host.clone().unwrap_or_default())
-                    .or_default() += 1;
-                if !vms.insert(m.spec.vm_name.clone()) {
-                    p.doubled.insert(m.spec.vm_name.clone());
-                }
-            }
-            p.cluster = p.cluster.max(total);
-            for (h, n) in outb {
-                let e = p.outbound.entry(h).or_default();
-                *e = (*e).max(n);
-            }
-            for (h, n) in inb {
-                let e = p.inbound.entry(h).or_default();
-                *e = (*e).max(n);
-            }
-        }
-    });
-    out
 }
 
 /// Poll `f` every 100 ms until it returns Some, for up to `secs` seconds.

@@ -14,6 +14,7 @@ fn q(name: &str, vm: &str, src: &str, dst: &str, origin: Origin, at: i64) -> Que
         queued_at: Timestamp::from_secs(at),
         size: 0,
         batch: None,
+        wants: Step::Transfer,
         ready: true,
     }
 }
@@ -26,6 +27,7 @@ fn active(name: &str, vm: &str, src: &str, dst: &str) -> ActiveMigration {
         source: src.into(),
         target: dst.into(),
         origin: Origin::User,
+        stage: Stage::Transferring,
     }
 }
 
@@ -222,6 +224,7 @@ fn a_batch_starts_largest_first_and_waits_for_a_larger_member_still_being_schedu
     let member = |name: &str, size: u64, ready: bool| QueuedMigration {
         size,
         batch: Some("drain-h0".into()),
+        wants: Step::Prepare,
         ready,
         ..q(
             name,
@@ -258,7 +261,7 @@ fn a_batch_starts_largest_first_and_waits_for_a_larger_member_still_being_schedu
         p.waiting[0]
             .reason
             .to_string()
-            .contains("c, a larger VM of drain-h0")
+            .contains("c, a larger VM of drain-h0, is not ready")
     );
     // A smaller member still being scheduled holds nothing back.
     let queue = [
@@ -289,6 +292,7 @@ proptest! {
         let queue: Vec<QueuedMigration> = members.iter().enumerate().map(|(i, (size, ready))| QueuedMigration {
             size: *size,
             batch: Some("drain".into()),
+            wants: Step::Prepare,
             ready: *ready,
             ..q(&format!("m{i:02}"), &format!("v{i}"), "h0", &format!("t{i}"), Origin::Maintenance, 0)
         }).collect();
@@ -311,4 +315,235 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_migration_holds_a_preparation_slot_then_a_transfer_slot_then_only_its_vm() {
+    use Phase as P;
+    let table = [
+        (P::Pending, false, false, None),
+        (P::Queued, false, false, None),
+        (P::Scheduled, false, false, Some(Stage::Preparing)),
+        (P::PreparingTarget, false, false, Some(Stage::Preparing)),
+        (P::Running, false, false, Some(Stage::Transferring)),
+        (P::PostCopy, false, false, Some(Stage::Transferring)),
+        // The source reported the stream's end: nothing flows any more.
+        (P::Running, false, true, Some(Stage::Finishing)),
+        (P::PostCopy, false, true, Some(Stage::Finishing)),
+        (P::Completing, false, false, Some(Stage::Finishing)),
+        (P::Succeeded, false, false, None),
+        (P::Failed, false, true, None),
+        (P::Cancelled, false, false, None),
+        // An evacuation prepares nothing: a transfer slot from admission to end.
+        (P::Scheduled, true, false, Some(Stage::Transferring)),
+        (P::Completing, true, false, Some(Stage::Transferring)),
+    ];
+    for (phase, evacuation, ended, want) in table {
+        assert_eq!(
+            Stage::of(phase, evacuation, ended),
+            want,
+            "{phase:?} evacuation={evacuation} ended={ended}"
+        );
+    }
+    assert_eq!(Stage::Preparing.slot(), Some(Step::Prepare));
+    assert_eq!(Stage::Transferring.slot(), Some(Step::Transfer));
+    assert_eq!(Stage::Finishing.slot(), None);
+}
+
+#[test]
+fn preparations_and_transfers_are_counted_each_against_the_limits() {
+    let held = |name: &str, vm: &str, stage: Stage| ActiveMigration {
+        stage,
+        ..active(name, vm, "src", &format!("t-{name}"))
+    };
+    let ask = |name: &str, wants: Step| QueuedMigration {
+        wants,
+        ..q(name, name, "src", &format!("t-{name}"), Origin::User, 1)
+    };
+    // The source sends two streams (its outbound limit): a third target
+    // may still be prepared, and a second one.
+    let sending = vec![
+        held("s0", "v0", Stage::Transferring),
+        held("s1", "v1", Stage::Transferring),
+    ];
+    let p = admit(
+        &[ask("p0", Step::Prepare), ask("p1", Step::Prepare)],
+        &sending,
+        &LIMITS,
+    );
+    assert_eq!(p.admitted, ["p0", "p1"]);
+    // Two prepared ahead as well: a third preparation waits, and so does a
+    // prepared one's transfer, each saying which count is full.
+    let mut all = sending.clone();
+    all.push(held("p0", "p0", Stage::Preparing));
+    all.push(held("p1", "p1", Stage::Preparing));
+    let p = admit(
+        &[ask("p0", Step::Transfer), ask("p2", Step::Prepare)],
+        &all,
+        &LIMITS,
+    );
+    assert!(p.admitted.is_empty(), "{p:?}");
+    assert_eq!(
+        p.waiting[0].reason,
+        WaitReason::OutboundLimit {
+            host: "src".into(),
+            limit: 2,
+            step: Step::Transfer
+        }
+    );
+    assert!(
+        p.waiting[0]
+            .reason
+            .to_string()
+            .contains("outbound transfers")
+    );
+    assert_eq!(
+        p.waiting[1].reason,
+        WaitReason::OutboundLimit {
+            host: "src".into(),
+            limit: 2,
+            step: Step::Prepare
+        }
+    );
+    assert!(
+        p.waiting[1]
+            .reason
+            .to_string()
+            .contains("targets being prepared")
+    );
+    // One stream ends (the source reported it): the prepared one starts at
+    // once; its own VM, which it holds while preparing, does not hold it.
+    all[0].stage = Stage::Finishing;
+    let p = admit(&[ask("p0", Step::Transfer)], &all, &LIMITS);
+    assert_eq!(p.admitted, ["p0"]);
+    // A finishing migration still holds its VM.
+    let p = admit(
+        &[ask("again", Step::Prepare)],
+        &[held("s0", "again", Stage::Finishing)],
+        &LIMITS,
+    );
+    assert_eq!(reason_of(&p, "again"), Some("VmBusy"));
+}
+
+#[test]
+fn a_batch_member_does_not_start_its_transfer_before_a_larger_one_still_preparing() {
+    let member = |name: &str, size: u64, wants: Step, ready: bool| QueuedMigration {
+        size,
+        batch: Some("drain-h0".into()),
+        wants,
+        ready,
+        ..q(
+            name,
+            name,
+            "h0",
+            &format!("t-{name}"),
+            Origin::Maintenance,
+            10,
+        )
+    };
+    // "big" is still preparing its target; "small" is prepared.
+    let queue = [
+        member("small", 1, Step::Transfer, true),
+        member("big", 2, Step::Transfer, false),
+        member("next", 1, Step::Prepare, true),
+    ];
+    let p = admit(&queue, &[], &LIMITS);
+    assert_eq!(
+        p.waiting[0].reason,
+        WaitReason::BatchAhead {
+            batch: "drain-h0".into(),
+            other: "big".into()
+        }
+    );
+    // Preparing is not held by it: the pipeline fills.
+    assert_eq!(p.admitted, ["next"]);
+    // Once it is prepared, the larger goes first.
+    let queue = [
+        member("small", 1, Step::Transfer, true),
+        member("big", 2, Step::Transfer, true),
+    ];
+    let limits = Limits {
+        outbound_per_host: 1,
+        ..LIMITS
+    };
+    assert_eq!(admit(&queue, &[], &limits).admitted, ["big"]);
+}
+
+proptest! {
+    /// Whatever mix of steps is asked for and held, each step's count stays
+    /// within every limit; what a finishing migration held is free.
+    #[test]
+    fn neither_step_ever_exceeds_a_limit(
+        queued in prop::collection::vec((0u8..8, 0u8..3, 0u8..4, prop::bool::ANY), 0..30),
+        held in prop::collection::vec((0u8..8, 0u8..3, 0u8..4, 0u8..3), 0..10),
+        per_cluster in 1u32..8, outbound in 1u32..4, inbound in 1u32..4,
+    ) {
+        let limits = Limits { per_cluster, outbound_per_host: outbound, inbound_per_host: inbound };
+        let stages = [Stage::Preparing, Stage::Transferring, Stage::Finishing];
+        let active: Vec<ActiveMigration> = held.iter().enumerate().map(|(i, (vm, s, t, st))| ActiveMigration {
+            stage: stages[*st as usize],
+            ..active(&format!("r{i}"), &format!("w{vm}"), &format!("h{s}"), &format!("h{}", (t + s + 1) % 5))
+        }).collect();
+        let queue: Vec<QueuedMigration> = queued.iter().enumerate().map(|(i, (vm, s, t, transfer))| QueuedMigration {
+            wants: if *transfer { Step::Transfer } else { Step::Prepare },
+            ..q(&format!("q{i}"), &format!("v{vm}"), &format!("h{s}"), &format!("h{}", (t + s + 1) % 5), Origin::User, i as i64)
+        }).collect();
+        let p = admit(&queue, &active, &limits);
+        for step in [Step::Prepare, Step::Transfer] {
+            let holding: Vec<(&str, &str)> = active.iter().filter(|m| m.stage.slot() == Some(step)).map(|m| (m.source.as_str(), m.target.as_str())).collect();
+            let started: Vec<(&str, &str)> = p.admitted.iter().map(|n| queue.iter().find(|m| &m.name == n).unwrap()).filter(|m| m.wants == step).map(|m| (m.source.as_str(), m.target.as_str())).collect();
+            if !started.is_empty() {
+                prop_assert!((holding.len() + started.len()) as u32 <= per_cluster);
+            }
+            for h in 0..5 {
+                let host = format!("h{h}");
+                let count = |v: &[(&str, &str)], out: bool| v.iter().filter(|(s, t)| if out { *s == host } else { *t == host }).count() as u32;
+                let (out_new, in_new) = (count(&started, true), count(&started, false));
+                prop_assert!(out_new == 0 || count(&holding, true) + out_new <= outbound);
+                prop_assert!(in_new == 0 || count(&holding, false) + in_new <= inbound);
+            }
+        }
+        // With nothing but finishing migrations held, the first ask of
+        // either step is always admitted.
+        if active.iter().all(|m| m.stage == Stage::Finishing) {
+            let free_vm = |m: &QueuedMigration| !active.iter().any(|a| a.vm == m.vm);
+            for step in [Step::Prepare, Step::Transfer] {
+                if let Some(first) = queue.iter().find(|m| m.wants == step && free_vm(m)) {
+                    let earlier_same_vm = queue.iter().any(|o| o.vm == first.vm && (o.queued_at, &o.name) < (first.queued_at, &first.name));
+                    if !earlier_same_vm {
+                        prop_assert!(p.admitted.contains(&first.name), "{} not admitted: {:?}", first.name, p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_queue_is_looked_at_again_when_a_transition_gives_up_a_slot() {
+    use Phase as P;
+    let table = [
+        (P::Queued, P::Scheduled, false, None),
+        (P::Queued, P::PreparingTarget, false, None),
+        (P::Scheduled, P::PreparingTarget, false, None),
+        (P::PreparingTarget, P::Running, false, Some(Step::Prepare)),
+        (P::PreparingTarget, P::Failed, false, Some(Step::Prepare)),
+        (P::Scheduled, P::Scheduling, false, Some(Step::Prepare)),
+        (P::Running, P::PostCopy, false, None),
+        (P::Running, P::Completing, false, Some(Step::Transfer)),
+        (P::PostCopy, P::Completing, false, Some(Step::Transfer)),
+        (P::Running, P::Cancelled, false, Some(Step::Transfer)),
+        (P::Completing, P::Succeeded, false, None),
+        (P::Scheduled, P::Completing, true, None),
+        (P::Completing, P::Succeeded, true, Some(Step::Transfer)),
+    ];
+    for (from, to, evacuation, want) in table {
+        assert_eq!(frees(from, to, evacuation), want, "{from:?} → {to:?}");
+    }
+    // A batch member leaving scheduling lets the smaller ones go.
+    assert!(releases_batch(P::Pending, P::PreparingTarget));
+    assert!(releases_batch(P::Scheduling, P::Queued));
+    assert!(releases_batch(P::Scheduling, P::Failed));
+    assert!(!releases_batch(P::Pending, P::Scheduling));
+    assert!(!releases_batch(P::Queued, P::PreparingTarget));
 }

@@ -160,6 +160,27 @@ impl Decision {
         }
     }
 
+    /// Whether the shell may decide again at once from `next`, before
+    /// writing anything, and record only where that ends: a step into a
+    /// new state that looks again at once, with nothing whose effect the
+    /// next decision would have to read back (the VM's host or its
+    /// failure, a finalizer). A drain's Migration then goes from `Pending`
+    /// to `PreparingTarget` in one status write instead of five.
+    pub fn continues(&self, from: &MigrationState) -> bool {
+        self.next != *from
+            && !self.next.phase().is_terminal()
+            && self.requeue_after == Some(Duration::ZERO)
+            && !self.actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::SetVmHost { .. }
+                        | Action::ClearVmMigration
+                        | Action::MarkVmFailed { .. }
+                        | Action::RemoveFinalizer
+                )
+            })
+    }
+
     fn with(mut self, a: Action) -> Self {
         self.actions.push(a);
         self
@@ -314,7 +335,11 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
                 .with(Action::SetVmMigrating),
             }
         }
-        S::Scheduled { source, target, .. } => {
+        S::Scheduled {
+            source,
+            target,
+            scheduled,
+        } => {
             if o.kind != MigrationKind::Evacuate && vm_host != Some(source.as_str()) {
                 return Decision::to(
                     S::Scheduling,
@@ -356,7 +381,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
                 S::PreparingTarget {
                     source: source.clone(),
                     target: target.clone(),
-                    started: now,
+                    scheduled: *scheduled,
                 },
                 "PreparingTarget",
                 format!("{target} prepares the incoming VM"),
@@ -368,7 +393,7 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
         S::PreparingTarget {
             source,
             target,
-            started,
+            scheduled,
         } => {
             if !healthy(o.source_health) {
                 return fail(o, FailureReason::SourceHostLost, source, now, true);
@@ -378,22 +403,38 @@ pub fn decide(o: &Observation, policy: &EffectivePolicy, now: Timestamp) -> Deci
             }
             match &o.target {
                 TargetReport::Failed(f) => fail(o, f.reason, &f.message, now, true),
-                TargetReport::Ready | TargetReport::Running { .. } => Decision::to(
-                    S::Running {
-                        source: source.clone(),
-                        target: target.clone(),
-                        started: *started,
-                        abort: None,
-                    },
-                    "Running",
-                    format!("{target} is ready; {source} starts the transfer"),
-                )
-                .with(Action::StartTransfer {
-                    host: source.clone(),
-                }),
+                // Prepared ahead: the transfer waits for its own slot.
+                TargetReport::Ready | TargetReport::Running { .. } => match &o.admission {
+                    None => Decision::stay(
+                        &o.state,
+                        "PreparingTarget",
+                        format!("{target} is ready; asking for a transfer slot"),
+                        Duration::ZERO,
+                    )
+                    .with(Action::RequestAdmission),
+                    Some(AdmissionOutcome::Waiting(why)) => Decision::stay(
+                        &o.state,
+                        WAITING_FOR_SLOT,
+                        format!("{target} is ready; {why}"),
+                        QUEUE_POLL,
+                    ),
+                    Some(AdmissionOutcome::Admitted) => Decision::to(
+                        S::Running {
+                            source: source.clone(),
+                            target: target.clone(),
+                            started: now,
+                            abort: None,
+                        },
+                        "Running",
+                        format!("{target} is ready; {source} starts the transfer"),
+                    )
+                    .with(Action::StartTransfer {
+                        host: source.clone(),
+                    }),
+                },
                 TargetReport::None | TargetReport::Preparing => {
                     let limit = policy.convergence.progress_timeout;
-                    if now.since(*started) > limit {
+                    if now.since(*scheduled) > limit {
                         fail(
                             o,
                             FailureReason::TargetPreparationTimeout,

@@ -33,10 +33,13 @@
 //!    The target agent (whose host is `targetHost`) starts QEMU with
 //!    `-incoming defer`, opens its relay for this Migration and this source
 //!    only, and reports `Ready` (or `Failed`).
-//! 2. `PreparingTarget` → `Running`: on `Ready` the controller writes
-//!    `Running`; the source agent sets the migration parameters from the
-//!    policy, starts the transfer, reports progress, and runs the
-//!    convergence decisions (`core::convergence`) itself.
+//! 2. `PreparingTarget` → `Running`: on `Ready` the controller asks the
+//!    queue for a transfer slot (the target may have been prepared while
+//!    the slot was busy: `core::admission`) and, given one, writes
+//!    `Running` (the transfer's start, from which the deadlines count); the
+//!    source agent sets the migration parameters from the policy, starts
+//!    the transfer, reports progress, and runs the convergence decisions
+//!    (`core::convergence`) itself.
 //! 3. The source agent reports `PostCopyActive` when it switched to post-copy
 //!    (the controller writes `PostCopy`), and `SwitchedOver` when QEMU
 //!    completed: the controller writes `Completing` and then the VM's

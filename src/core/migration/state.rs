@@ -73,8 +73,8 @@ impl Phase {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 
-    /// Whether the migration holds an admission slot (counts against the
-    /// concurrency limits).
+    /// Whether the migration is admitted and not finished: it holds its VM
+    /// (what it counts against the limits is `core::admission::Stage`).
     pub fn in_flight(self) -> bool {
         matches!(
             self,
@@ -149,14 +149,15 @@ pub enum MigrationState {
         /// When admitted.
         scheduled: Timestamp,
     },
-    /// The target agent prepares.
+    /// The target agent prepares; once it is ready, the migration waits
+    /// for a transfer slot.
     PreparingTarget {
         /// Source host.
         source: String,
         /// Target host.
         target: String,
-        /// When the migration started (deadlines count from here).
-        started: Timestamp,
+        /// When it was admitted (the preparation's timeout counts from here).
+        scheduled: Timestamp,
     },
     /// Transferring.
     Running {
@@ -164,7 +165,7 @@ pub enum MigrationState {
         source: String,
         /// Target host.
         target: String,
-        /// When the migration started.
+        /// When the transfer started (deadlines count from here).
         started: Timestamp,
         /// An abort asked for and not yet confirmed by the source agent.
         abort: Option<AbortRequest>,
@@ -384,7 +385,8 @@ pub enum PlacementOutcome {
 }
 
 /// The admission queue's answer for this migration, computed by the shell in
-/// `Queued`.
+/// `Queued` (to prepare) and in `PreparingTarget` with the target ready (to
+/// transfer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdmissionOutcome {
     /// May start now.
@@ -415,7 +417,8 @@ pub struct Observation {
     pub target_health: Option<HostHealth>,
     /// The scheduler's answer (in `Scheduling`).
     pub placement: Option<PlacementOutcome>,
-    /// The queue's answer (in `Queued`).
+    /// The queue's answer (in `Queued`, and in `PreparingTarget` once the
+    /// target is ready).
     pub admission: Option<AdmissionOutcome>,
     /// The target agent's report.
     pub target: TargetReport,

@@ -4,6 +4,7 @@ use super::*;
 use crate::core::policy::{ConvergenceMode, EffectivePolicy};
 use crate::core::time::{GIB, Timestamp};
 
+mod chain;
 mod table;
 
 pub(super) const T0: Timestamp = Timestamp::from_secs(1_000);

@@ -49,6 +49,9 @@ pub(super) fn running(
             return match abort.map(|a| &a.cause) {
                 Some(AbortCause::Cancel) => cancelled(o, now, true),
                 Some(AbortCause::Failure(r, m)) => fail(o, *r, m, now, true),
+                // The agent saw the cancel before the controller recorded
+                // its request: it is the same cancel.
+                None if o.cancel_requested || o.deleted => cancelled(o, now, true),
                 None => fail(
                     o,
                     FailureReason::TransferFailed,

@@ -109,6 +109,22 @@ pub(super) fn stimuli() -> Vec<Stimulus> {
         ),
         ("deadlines passed", |_| {}, true),
         (
+            "target ready, transfer admitted",
+            |o| {
+                o.target = TargetReport::Ready;
+                o.admission = Some(AdmissionOutcome::Admitted);
+            },
+            false,
+        ),
+        (
+            "target ready, transfer must wait",
+            |o| {
+                o.target = TargetReport::Ready;
+                o.admission = Some(AdmissionOutcome::Waiting("outbound limit".into()));
+            },
+            false,
+        ),
+        (
             "target runs the guest, all its memory there",
             |o| {
                 o.target = TargetReport::Running {
@@ -156,7 +172,7 @@ fn states() -> Vec<(&'static str, MigrationState)> {
             MigrationState::PreparingTarget {
                 source: s.clone(),
                 target: t.clone(),
-                started: T0,
+                scheduled: T0,
             },
         ),
         (
@@ -228,19 +244,19 @@ fn label(s: &MigrationState) -> &'static str {
 
 /// Expected next state for every (state, stimulus), in `stimuli()` order.
 #[rustfmt::skip]
-const EXPECTED: &[(&str, [&str; 22])] = &[
-    ("Pending", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
-    ("Scheduling", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Queued", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
-    ("Queued", ["Queued", "Cancelled", "Cancelled", "Failed", "Queued", "Queued", "Scheduling", "Queued", "Queued", "Scheduled", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Scheduling", "Queued", "Queued", "Queued"]),
-    ("Scheduled", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Scheduling", "PreparingTarget", "PreparingTarget", "PreparingTarget"]),
-    ("PreparingTarget", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Running", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed", "Running", "Running"]),
-    ("Running", ["Running", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running", "Running", "Running", "Running", "Running", "Running+abort", "Running", "PostCopy", "Completing", "Failed", "Failed", "Running", "Running+abort", "Running", "PostCopy"]),
-    ("Running+abort", ["Running+abort", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "PostCopy", "Completing", "Cancelled", "Failed", "Running+abort", "Failed", "Running+abort", "PostCopy"]),
-    ("PostCopy", ["PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "Failed", "PostCopy", "PostCopy", "Completing", "PostCopy", "Failed", "PostCopy", "PostCopy", "PostCopy", "PostCopy"]),
-    ("Completing", ["Completing", "Completing", "Completing", "Failed", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Succeeded", "Completing", "Completing", "Completing"]),
-    ("Succeeded", ["Succeeded"; 22]),
-    ("Failed", ["Failed"; 22]),
-    ("Cancelled", ["Cancelled"; 22]),
+const EXPECTED: &[(&str, [&str; 24])] = &[
+    ("Pending", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
+    ("Scheduling", ["Scheduling", "Cancelled", "Cancelled", "Failed", "Scheduling", "Scheduling", "Scheduling", "Queued", "Failed", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling", "Scheduling"]),
+    ("Queued", ["Queued", "Cancelled", "Cancelled", "Failed", "Queued", "Queued", "Scheduling", "Queued", "Queued", "Scheduled", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Queued", "Scheduling", "Queued", "Scheduled", "Queued", "Queued", "Queued"]),
+    ("Scheduled", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Scheduling", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget"]),
+    ("PreparingTarget", ["PreparingTarget", "Cancelled", "Cancelled", "Failed", "Failed", "Failed", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "PreparingTarget", "Failed", "Running", "PreparingTarget", "PreparingTarget", "PreparingTarget"]),
+    ("Running", ["Running", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running", "Running", "Running", "Running", "Running", "Running+abort", "Running", "PostCopy", "Completing", "Failed", "Failed", "Running", "Running+abort", "Running", "Running", "Running", "PostCopy"]),
+    ("Running+abort", ["Running+abort", "Running+abort", "Running+abort", "Failed", "Failed", "Failed", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "Running+abort", "PostCopy", "Completing", "Cancelled", "Failed", "Running+abort", "Failed", "Running+abort", "Running+abort", "Running+abort", "PostCopy"]),
+    ("PostCopy", ["PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "Failed", "PostCopy", "PostCopy", "Completing", "PostCopy", "Failed", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy", "PostCopy"]),
+    ("Completing", ["Completing", "Completing", "Completing", "Failed", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Completing", "Succeeded", "Completing", "Completing", "Completing", "Completing", "Completing"]),
+    ("Succeeded", ["Succeeded"; 24]),
+    ("Failed", ["Failed"; 24]),
+    ("Cancelled", ["Cancelled"; 24]),
 ];
 
 #[test]
@@ -342,7 +358,7 @@ proptest::proptest! {
     /// switchover.
     #[test]
     fn any_sequence_of_observations_keeps_the_invariants(
-        steps in proptest::collection::vec((0usize..22, 0u64..400, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        steps in proptest::collection::vec((0usize..24, 0u64..400, proptest::bool::ANY, proptest::bool::ANY), 1..40),
         kind in proptest::prop_oneof![
             proptest::strategy::Just(MigrationKind::Live),
             proptest::strategy::Just(MigrationKind::Cold),
@@ -361,7 +377,7 @@ proptest::proptest! {
                 match state.phase() {
                     Phase::Scheduling => 7,
                     Phase::Queued => 9,
-                    Phase::PreparingTarget => 11,
+                    Phase::PreparingTarget => 20,
                     Phase::Running => [13, 14, 15][i % 3],
                     Phase::PostCopy => 15,
                     Phase::Completing => 18,
