@@ -221,21 +221,24 @@ async fn each_resilience_policy_rebuilds_exactly_the_vms_it_names_and_says_why_i
         let s = m.status.clone().unwrap();
         assert_eq!(s.phase, MigrationPhase::Succeeded, "{s:?}");
         assert_eq!(s.source_host.as_deref(), Some(FAILED));
-        let evacuating = events
-            .list(
-                &ListParams::default()
-                    .fields(&format!("involvedObject.name={name},reason=Evacuating")),
-            )
-            .await
-            .unwrap()
-            .items;
-        assert!(
-            evacuating.iter().any(|e| e
-                .message
-                .as_deref()
-                .is_some_and(|t| t.contains(&format!("{FAILED} is fenced")))),
-            "{name}: {evacuating:?}"
-        );
+        // Events are recorded after the status that they tell of.
+        let fenced = format!("{FAILED} is fenced");
+        let said = wait_for(Duration::from_secs(10), || async {
+            let evacuating = events
+                .list(
+                    &ListParams::default()
+                        .fields(&format!("involvedObject.name={name},reason=Evacuating")),
+                )
+                .await
+                .ok()?
+                .items;
+            evacuating
+                .iter()
+                .any(|e| e.message.as_deref().is_some_and(|t| t.contains(&fenced)))
+                .then_some(())
+        })
+        .await;
+        assert!(said.is_some(), "{name}: no Evacuating Event saying {fenced}");
         let now = vms.get(vm).await.unwrap().status.unwrap();
         assert_eq!(now.uuid, uuids[vm.as_str()], "{vm} keeps its identity");
         assert_eq!(now.host, s.target_host, "{vm} runs where it was rebuilt");
