@@ -238,7 +238,10 @@ async fn each_resilience_policy_rebuilds_exactly_the_vms_it_names_and_says_why_i
                 .then_some(())
         })
         .await;
-        assert!(said.is_some(), "{name}: no Evacuating Event saying {fenced}");
+        assert!(
+            said.is_some(),
+            "{name}: no Evacuating Event saying {fenced}"
+        );
         let now = vms.get(vm).await.unwrap().status.unwrap();
         assert_eq!(now.uuid, uuids[vm.as_str()], "{vm} keeps its identity");
         assert_eq!(now.host, s.target_host, "{vm} runs where it was rebuilt");

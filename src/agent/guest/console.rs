@@ -143,7 +143,13 @@ impl GuestConsole {
                 path: path.to_owned(),
                 source,
             })?;
-        Ok(Self::from_stream(stream))
+        let mut console = Self::from_stream(stream);
+        // The guest may hold part of a line from an earlier connection, or
+        // answers nobody read: end that line, and have the first command
+        // resynchronise past whatever it draws.
+        console.writer.write_all(b"\n").await?;
+        console.out_of_step = true;
+        Ok(console)
     }
 
     /// Connects, retrying while QEMU has not yet created or opened the socket.
