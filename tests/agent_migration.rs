@@ -114,6 +114,14 @@ async fn live_migration_over_mtls_moves_memory_intact() {
 
     let pages_bytes = u64::from(before.pages) * 4096;
     assert!(done.relay_forward_bytes > pages_bytes, "{done:?}");
+    // The target relay counts a chunk once QEMU has taken it, so the guest
+    // may run a moment before the last chunk is counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while delivery.counters.snapshot().forward_bytes != done.relay_forward_bytes
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         delivery.counters.snapshot().forward_bytes,
         done.relay_forward_bytes
