@@ -330,11 +330,7 @@ pub(super) async fn source_half(
                 let _ = vm.qmp().execute(&crate::agent::qmp::Cont {}).await;
                 // The target may have announced the guest at its stop: the
                 // segment must learn it is here again.
-                let announce =
-                    crate::agent::net::AnnounceSelf(crate::agent::net::Announce::default());
-                if let Err(e) = vm.qmp().execute(&announce).await {
-                    tracing::warn!(error = %e, "announce-self on the resumed source failed");
-                }
+                crate::agent::net::announce_self(vm.qmp(), "the resumed source").await;
                 let message =
                     "the target QEMU died at switchover; the guest was resumed on the source"
                         .to_string();
@@ -381,14 +377,13 @@ pub(super) async fn source_half(
             // agent restarted after the stop (in post-copy) did not see it:
             // its progress writes kept it in the API.
             let status = current(agent, m).and_then(|m| m.status.clone());
-            let stopped = match clock.stopped(Duration::from_secs(1)).await {
-                Some(t) => Some(t),
-                None => status
+            let stopped = clock.stopped(Duration::from_secs(1)).await.or_else(|| {
+                status
                     .as_ref()
                     .and_then(|s| s.source.as_ref())
                     .and_then(|r| r.guest_stopped.as_ref())
-                    .map(|t| from_micros(t.0.as_microsecond())),
-            };
+                    .map(|t| from_micros(t.0.as_microsecond()))
+            });
             let resumed = status
                 .and_then(|s| s.target)
                 .and_then(|t| t.guest_resumed)

@@ -74,9 +74,9 @@ pub async fn run_source(
     q.execute(&qmp::Migrate { uri, resume: None })
         .await
         .map_err(qmp_err("starting the migration"))?;
-    let mut monitor = Monitor::new(vm, relay, config, false);
-    monitor.events = Some(events);
-    monitor.run(policy, observer, cancel).await
+    Monitor::new(vm, relay, config, false, Some(events))
+        .run(policy, observer, cancel)
+        .await
 }
 
 /// Resumes a post-copy migration paused by a broken stream, through
@@ -98,7 +98,7 @@ pub async fn resume_source(
         })
         .await
         .map_err(qmp_err("resuming the post-copy migration"))?;
-    Monitor::new(vm, relay, config, true)
+    Monitor::new(vm, relay, config, true, None)
         .run(policy, observer, cancel)
         .await
 }
@@ -112,7 +112,8 @@ struct Monitor<'a> {
     downtime_limit: Duration,
     paused_guest: bool,
     postcopy: bool,
-    /// The source QEMU's events, watched for the guest's stop.
+    /// The source QEMU's events, watched for the guest's stop (none when
+    /// resuming post-copy: the guest stopped here long ago).
     events: Option<tokio::sync::broadcast::Receiver<qmp::Event>>,
     /// The target was told the guest stopped (and announced it there).
     told_target: bool,
@@ -124,6 +125,7 @@ impl<'a> Monitor<'a> {
         relay: &'a SourceRelay,
         config: &'a MigrationConfig,
         postcopy: bool,
+        events: Option<tokio::sync::broadcast::Receiver<qmp::Event>>,
     ) -> Self {
         Monitor {
             vm,
@@ -134,7 +136,7 @@ impl<'a> Monitor<'a> {
             downtime_limit: config.downtime_limit,
             paused_guest: false,
             postcopy,
-            events: None,
+            events,
             told_target: false,
         }
     }
@@ -333,12 +335,7 @@ impl<'a> Monitor<'a> {
         if !matches!(q.execute(&qmp::QueryStatus {}).await, Ok(s) if s.running) {
             return;
         }
-        if let Err(e) = q
-            .execute(&net::AnnounceSelf(net::Announce::default()))
-            .await
-        {
-            tracing::warn!(error = %e, "announce-self on the source after a failed switchover failed");
-        }
+        net::announce_self(q, "the source after a failed switchover").await;
     }
 
     async fn failed(&self, desc: Option<String>) -> MigrationError {

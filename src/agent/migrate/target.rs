@@ -170,12 +170,7 @@ impl TargetHandle {
                 Ok(s) if s.running => {
                     // Announce again once running (net): best effort, the
                     // migration's own announce already ran.
-                    if let Err(e) = q
-                        .execute(&net::AnnounceSelf(net::Announce::default()))
-                        .await
-                    {
-                        tracing::warn!(error = %e, "announce-self on the target failed");
-                    }
+                    net::announce_self(q, "the target").await;
                     return Ok(());
                 }
                 Ok(s) if s.status == RunState::Paused => {

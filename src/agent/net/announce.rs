@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::agent::qmp::{Command, Empty};
+use crate::agent::qmp::{Command, Empty, Qmp};
 
 /// The announce timing, ms and rounds. The default is QEMU's own (50 ms
 /// first, +100 ms per round, at most 550 ms, 5 rounds): ~1.25 s of
@@ -80,6 +80,16 @@ pub struct AnnounceSelf(pub Announce);
 impl Command for AnnounceSelf {
     const NAME: &'static str = "announce-self";
     type Response = Empty;
+}
+
+/// Sends `announce-self` with QEMU's default timing on `qmp`, for the
+/// host where the guest now runs (`where_` says which, in the log). A
+/// failure is logged, not returned: the guest's own traffic teaches the
+/// bridges too, only later.
+pub async fn announce_self(qmp: &Qmp, where_: &str) {
+    if let Err(e) = qmp.execute(&AnnounceSelf(Announce::default())).await {
+        tracing::warn!(error = %e, "announce-self on {where_} failed");
+    }
 }
 
 #[cfg(test)]

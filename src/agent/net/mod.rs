@@ -33,7 +33,7 @@ mod handle;
 mod segment;
 mod tap;
 
-pub use announce::{Announce, AnnounceSelf, SetAnnounceParameters};
+pub use announce::{Announce, AnnounceSelf, SetAnnounceParameters, announce_self};
 pub use handle::{TapHandle, parse_mac, rarp_frame};
 
 pub use segment::{Segment, SegmentError, enter};

@@ -490,12 +490,7 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, Some(hello), r);
         }
     };
-    let info = AcceptInfo {
-        clock_us: Some(super::clock::micros_since_epoch(
-            std::time::SystemTime::now(),
-        )),
-        control: delivery.on_source_stopped.is_some(),
-    };
+    let info = accept_info(delivery.on_source_stopped.is_some());
     if let Err(e) = wire::write_reply_with(stream, &Reply::Accept, info).await {
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
@@ -526,16 +521,21 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
     });
 }
 
-/// A migration's control channel: accepted like a stream, then read for
-/// control messages until the source closes it or the migration ends.
-async fn control(shared: &Shared, mut conn: Conn, hello: Hello, peer: String, delivery: Delivery) {
-    let info = AcceptInfo {
+/// An Accept's details: this host's clock now, and whether the migration
+/// takes a control channel.
+fn accept_info(control: bool) -> AcceptInfo {
+    AcceptInfo {
         clock_us: Some(super::clock::micros_since_epoch(
             std::time::SystemTime::now(),
         )),
-        control: true,
-    };
-    if let Err(e) = wire::write_reply_with(conn.io(), &Reply::Accept, info).await {
+        control,
+    }
+}
+
+/// A migration's control channel: accepted like a stream, then read for
+/// control messages until the source closes it or the migration ends.
+async fn control(shared: &Shared, mut conn: Conn, hello: Hello, peer: String, delivery: Delivery) {
+    if let Err(e) = wire::write_reply_with(conn.io(), &Reply::Accept, accept_info(true)).await {
         tracing::warn!(migration = %hello.migration, error = %e, "relay could not accept a control channel");
         return;
     }
