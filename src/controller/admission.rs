@@ -19,25 +19,8 @@ use crate::core::policy::EffectivePolicy;
 
 use super::migration::origin;
 use super::snapshot::id;
-use super::status::{now, to_core};
+use super::status::{core_phase, now, to_core};
 use super::{Admitted, Ctx, Recent};
-
-/// The core's phase of an API phase.
-pub(super) fn core_phase(p: MigrationPhase) -> Phase {
-    match p {
-        MigrationPhase::Pending => Phase::Pending,
-        MigrationPhase::Scheduling => Phase::Scheduling,
-        MigrationPhase::Queued => Phase::Queued,
-        MigrationPhase::Scheduled => Phase::Scheduled,
-        MigrationPhase::PreparingTarget => Phase::PreparingTarget,
-        MigrationPhase::Running => Phase::Running,
-        MigrationPhase::PostCopy => Phase::PostCopy,
-        MigrationPhase::Completing => Phase::Completing,
-        MigrationPhase::Succeeded => Phase::Succeeded,
-        MigrationPhase::Failed => Phase::Failed,
-        MigrationPhase::Cancelled => Phase::Cancelled,
-    }
-}
 
 /// What a Migration holds as the cache shows it: its phase, and whether
 /// the source agent has reported the end of the stream.

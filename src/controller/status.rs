@@ -181,8 +181,13 @@ pub fn state_of(status: &MigrationStatus, now: Timestamp) -> MigrationState {
 
 /// The API phase of a state.
 pub fn phase_of(state: &MigrationState) -> MigrationPhase {
+    api_phase(state.phase())
+}
+
+/// The API phase of a core phase.
+pub fn api_phase(phase: crate::core::migration::Phase) -> MigrationPhase {
     use crate::core::migration::Phase as P;
-    match state.phase() {
+    match phase {
         P::Pending => MigrationPhase::Pending,
         P::Scheduling => MigrationPhase::Scheduling,
         P::Queued => MigrationPhase::Queued,
@@ -194,6 +199,24 @@ pub fn phase_of(state: &MigrationState) -> MigrationPhase {
         P::Succeeded => MigrationPhase::Succeeded,
         P::Failed => MigrationPhase::Failed,
         P::Cancelled => MigrationPhase::Cancelled,
+    }
+}
+
+/// The core's phase of an API phase (the inverse of [`api_phase`]).
+pub fn core_phase(p: MigrationPhase) -> crate::core::migration::Phase {
+    use crate::core::migration::Phase as P;
+    match p {
+        MigrationPhase::Pending => P::Pending,
+        MigrationPhase::Scheduling => P::Scheduling,
+        MigrationPhase::Queued => P::Queued,
+        MigrationPhase::Scheduled => P::Scheduled,
+        MigrationPhase::PreparingTarget => P::PreparingTarget,
+        MigrationPhase::Running => P::Running,
+        MigrationPhase::PostCopy => P::PostCopy,
+        MigrationPhase::Completing => P::Completing,
+        MigrationPhase::Succeeded => P::Succeeded,
+        MigrationPhase::Failed => P::Failed,
+        MigrationPhase::Cancelled => P::Cancelled,
     }
 }
 
@@ -443,6 +466,26 @@ mod tests {
             at: t,
         });
         roundtrip(MigrationState::Cancelled { at: t });
+    }
+
+    #[test]
+    fn core_and_api_phases_map_both_ways() {
+        use crate::core::migration::Phase as P;
+        for p in [
+            P::Pending,
+            P::Scheduling,
+            P::Queued,
+            P::Scheduled,
+            P::PreparingTarget,
+            P::Running,
+            P::PostCopy,
+            P::Completing,
+            P::Succeeded,
+            P::Failed,
+            P::Cancelled,
+        ] {
+            assert_eq!(core_phase(api_phase(p)), p);
+        }
     }
 
     #[test]
