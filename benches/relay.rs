@@ -8,7 +8,11 @@
 //!
 //! `cargo bench --bench relay`. Environment: `FERRY_BENCH_MIB` (guest
 //! memory, default 1024), `FERRY_BENCH_ROUNDS` (default 3),
-//! `FERRY_BENCH_MULTIFD` (channels, default 0 = single stream).
+//! `FERRY_BENCH_MULTIFD` (channels, default 0 = single stream),
+//! `FERRY_BENCH_MODES` (a comma list of `direct`, `socat-plain`,
+//! `socat-tls`, `relay-plain`, `relay-tls`, `relay-tls-rustls` — Ferry's
+//! TLS with rustls carrying every byte, as before its record layer; default all — a subset is for
+//! profiling one path, ratios are printed for the modes present).
 //!
 //! The guest migrates back and forth between two "hosts" (two agents'
 //! state directories and relays on loopback), so it is filled once.
@@ -37,14 +41,48 @@ enum Mode {
     SocatTls,
     RelayPlain,
     RelayTls,
+    RelayTlsRustls,
 }
 
-const MODES: [Mode; 5] = [
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::SocatPlain => "socat-plain",
+            Mode::SocatTls => "socat-tls",
+            Mode::RelayPlain => "relay-plain",
+            Mode::RelayTls => "relay-tls",
+            Mode::RelayTlsRustls => "relay-tls-rustls",
+        }
+    }
+}
+
+/// The modes to run: all, or those `FERRY_BENCH_MODES` names.
+fn modes() -> Vec<Mode> {
+    let Ok(list) = std::env::var("FERRY_BENCH_MODES") else {
+        return MODES.to_vec();
+    };
+    let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+    for w in &wanted {
+        assert!(
+            MODES.iter().any(|m| m.name() == *w),
+            "FERRY_BENCH_MODES: unknown mode {w:?} (known: {})",
+            MODES.map(Mode::name).join(", ")
+        );
+    }
+    MODES
+        .into_iter()
+        .filter(|m| wanted.contains(&m.name()))
+        .collect()
+}
+
+const MODES: [Mode; 6] = [
     Mode::Direct,
     Mode::SocatPlain,
     Mode::SocatTls,
     Mode::RelayPlain,
     Mode::RelayTls,
+    Mode::RelayTlsRustls,
 ];
 
 struct Host {
@@ -271,11 +309,14 @@ async fn migrate_once(
     };
     let relay = match mode {
         Mode::Direct | Mode::SocatPlain | Mode::SocatTls => None,
-        Mode::RelayPlain | Mode::RelayTls => {
-            let (addr, transport) = if mode == Mode::RelayTls {
-                (relay_to(&to.tls), ClientTransport::Tls(from.client.clone()))
-            } else {
-                (relay_to(&to.plain), ClientTransport::InsecurePlain)
+        Mode::RelayPlain | Mode::RelayTls | Mode::RelayTlsRustls => {
+            let (addr, transport) = match mode {
+                Mode::RelayTls => (relay_to(&to.tls), ClientTransport::Tls(from.client.clone())),
+                Mode::RelayTlsRustls => (
+                    relay_to(&to.tls),
+                    ClientTransport::TlsRustlsOnly(from.client.clone()),
+                ),
+                _ => (relay_to(&to.plain), ClientTransport::InsecurePlain),
             };
             Some(
                 SourceRelay::start(SourceRelayConfig {
@@ -366,6 +407,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let mib = env("FERRY_BENCH_MIB", 1024) as u32;
     let rounds = env("FERRY_BENCH_ROUNDS", 3) as usize;
+    let modes = modes();
     let multifd = match env("FERRY_BENCH_MULTIFD", 0) {
         0 => None,
         n => Some(n as u8),
@@ -417,12 +459,12 @@ async fn main() {
     let mut on_a = true;
     let started = Instant::now();
     for r in 0..rounds {
-        for mode in MODES {
+        for &mode in &modes {
             let (from, to) = if on_a { (&a, &b) } else { (&b, &a) };
             let n = results.len();
             let (round, next) = migrate_once(mode, n, &spec, &config, from, &vm, to).await;
             println!(
-                "round {r} {:<11} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms, relay CPU {:.2} s)",
+                "round {r} {:<14} {:>8.1} MiB/s  ({} MiB in {} ms, downtime {} ms, relay CPU {:.2} s)",
                 format!("{mode:?}"),
                 round.bytes as f64 / (1 << 20) as f64 / (round.qemu_ms as f64 / 1000.0),
                 round.bytes >> 20,
@@ -453,22 +495,24 @@ async fn main() {
                 .collect(),
         )
     };
-    let direct = rate(Mode::Direct);
-    let ratio = |a: Mode, b: Mode| rate(a) / rate(b);
+    let has = |m: Mode| modes.contains(&m);
+    let ratio = |a: Mode, b: Mode| (has(a) && has(b)).then(|| rate(a) / rate(b));
+    let shown = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
     println!("\nmedian of {rounds} rounds (QEMU's own total-time):");
-    for m in MODES {
+    for &m in &modes {
         println!(
-            "  {:<11} {:>8.1} MiB/s   ratio to direct {:.2}   relay CPU {:.2} s/GiB",
+            "  {:<14} {:>8.1} MiB/s   ratio to direct {}   relay CPU {:.2} s/GiB",
             format!("{m:?}"),
             rate(m) / (1 << 20) as f64,
-            rate(m) / direct,
+            shown(ratio(m, Mode::Direct)),
             cpu_per_gib(m)
         );
     }
     println!(
-        "  Ferry TLS / socat TLS {:.2}   Ferry plain / socat plain {:.2}",
-        ratio(Mode::RelayTls, Mode::SocatTls),
-        ratio(Mode::RelayPlain, Mode::SocatPlain)
+        "  Ferry TLS / socat TLS {}   Ferry plain / socat plain {}   Ferry records / rustls {}",
+        shown(ratio(Mode::RelayTls, Mode::SocatTls)),
+        shown(ratio(Mode::RelayPlain, Mode::SocatPlain)),
+        shown(ratio(Mode::RelayTls, Mode::RelayTlsRustls))
     );
     println!(
         "bench process (agents' relays) RSS: idle {} MiB, peak {} MiB; wall {:.1} s",

@@ -81,6 +81,7 @@ async fn refusals_carry_their_reason_and_are_counted() {
     let r = rig().await;
     let hello = |uid: &str, host: &str| Hello {
         role: Default::default(),
+        records: false,
         migration: mref(uid),
         source_host: host.into(),
         channel: 0,
@@ -121,6 +122,7 @@ async fn another_protocol_version_is_refused_by_name() {
             source_host: "host-a".into(),
             channel: 0,
             role: Default::default(),
+            records: false,
         },
     )
     .await
@@ -199,6 +201,8 @@ async fn bytes_cross_both_ways_and_cancel_closes_the_channels() {
     assert_eq!(s.backward_bytes, 6_000_000);
     assert_eq!(s.channels_opened, 2);
     assert_eq!(delivery.counters.snapshot().forward_bytes, 6_000_000);
+    // Both agents of this release carry the bulk on Ferry's record layer.
+    assert_eq!(r.relay.stats().on_records(), 2);
 
     // Cancelling on the target side closes the migration's channels.
     r.table.remove("u3");
@@ -215,6 +219,34 @@ async fn bytes_cross_both_ways_and_cancel_closes_the_channels() {
     .await
     .unwrap();
     assert!(src.reports().iter().all(|c| c.error.is_some()));
+}
+
+#[tokio::test]
+async fn a_source_that_keeps_rustls_is_carried_by_rustls() {
+    // What a source of an earlier release does: no record layer offered.
+    let r = rig().await;
+    let target_sock = r.tmp.path().join("compat-in.sock");
+    echo_socket(&target_sock).await;
+    let delivery = r.table.expect(mref("u6"), "host-a", target_sock);
+    let tls = TlsSettings::default().client_config(&r.a).unwrap();
+    let src = source(
+        &r,
+        "u6",
+        ClientTransport::TlsRustlsOnly(tls),
+        r.relay.local_addr(),
+    )
+    .await;
+    let mut c = UnixStream::connect(src.socket_path()).await.unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut rd, mut wr) = c.split();
+    let mut back = vec![0u8; data.len()];
+    tokio::join!(async { wr.write_all(&data).await.unwrap() }, async {
+        rd.read_exact(&mut back).await.unwrap()
+    });
+    assert!(back == data, "the echo came back intact");
+    assert_eq!(delivery.counters.snapshot().forward_bytes, 1_000_000);
+    assert_eq!(r.relay.stats().accepted(), 1);
+    assert_eq!(r.relay.stats().on_records(), 0);
 }
 
 #[tokio::test]

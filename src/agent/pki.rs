@@ -401,10 +401,13 @@ impl TlsSettings {
         let verifier = WebPkiClientVerifier::builder_with_provider(id.roots()?, provider.clone())
             .build()
             .map_err(|e| PkiError::Verifier(e.to_string()))?;
-        let cfg = ServerConfig::builder_with_provider(provider)
+        let mut cfg = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&versions)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain()?, id.key()?)?;
+        // A stream's bulk runs on the relay's own record layer
+        // (`relay::records`), which takes the session's traffic keys.
+        cfg.enable_secret_extraction = true;
         Ok(Arc::new(cfg))
     }
 
@@ -412,10 +415,11 @@ impl TlsSettings {
     /// trusts only servers issued by the cluster CA.
     pub fn client_config(&self, id: &HostIdentity) -> Result<Arc<ClientConfig>, PkiError> {
         let (provider, versions) = self.provider()?;
-        let cfg = ClientConfig::builder_with_provider(provider)
+        let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&versions)?
             .with_root_certificates(id.roots()?)
             .with_client_auth_cert(id.chain()?, id.key()?)?;
+        cfg.enable_secret_extraction = true;
         Ok(Arc::new(cfg))
     }
 }

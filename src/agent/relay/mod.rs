@@ -35,6 +35,7 @@
 pub mod clock;
 pub mod meter;
 mod pump;
+mod records;
 pub mod source;
 mod splice;
 pub mod target;
@@ -113,8 +114,14 @@ impl RefusalReason {
 /// How the source side connects.
 #[derive(Debug, Clone)]
 pub enum ClientTransport {
-    /// Mutual TLS with the host's certificate (the only production mode).
+    /// Mutual TLS with the host's certificate (the only production mode);
+    /// a stream's bulk runs on Ferry's record layer when the target takes it
+    /// ([`records`]).
     Tls(Arc<rustls::ClientConfig>),
+    /// Mutual TLS with rustls carrying every byte, the record layer never
+    /// offered: what a source of an earlier release does. For the benchmark
+    /// comparison and compatibility tests.
+    TlsRustlsOnly(Arc<rustls::ClientConfig>),
     /// Unauthenticated, unencrypted TCP: benchmarks only.
     InsecurePlain,
 }

@@ -125,6 +125,18 @@ where
         None,
         false,
     );
+    drive(fwd, bwd, cancel).await
+}
+
+/// Runs a channel's two directions until both end, one fails, or `cancel`
+/// fires; once the forward direction has ended the backward one has
+/// [`LINGER`] to finish. Every pump (plain splice, TLS, Ferry records) ends
+/// this way.
+pub(crate) async fn drive(
+    fwd: impl std::future::Future<Output = Result<(), PumpError>>,
+    bwd: impl std::future::Future<Output = Result<(), PumpError>>,
+    cancel: &CancellationToken,
+) -> Result<(), PumpError> {
     tokio::pin!(fwd, bwd);
     let (mut fwd_done, mut bwd_done) = (false, false);
     // Armed (reset) when the forward direction ends.

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::meter::{RateLimiter, RelayCounters};
 use super::pump::pump;
+use super::records::{REKEY_RECORDS, Records, pump_source};
 use super::splice::pump_plain;
 use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role};
 use super::{ChannelReport, ClientTransport, ClockOffset, MigrationRef, RelayError};
@@ -250,8 +251,13 @@ async fn run_channel(
         source_host: cfg.source_host.clone(),
         channel: index,
         role: Role::Stream,
+        records: false,
     };
     let mut remote = connect(cfg, cancel).await?;
+    let hello = Hello {
+        records: remote.offers_records(&cfg.transport),
+        ..hello
+    };
     let (reply, info, offset) = handshake(&mut remote, &hello).await?;
     if let Some(offset) = offset {
         let mut best = shared.clock.lock().unwrap_or_else(|p| p.into_inner());
@@ -276,6 +282,11 @@ async fn run_channel(
     }
     counters.channel_opened();
     let r = match remote {
+        Remote::Tls(t) if info.records => {
+            let (tcp, records) = Records::client(*t, REKEY_RECORDS)
+                .map_err(|e| RelayError::Handshake(e.to_string()))?;
+            pump_source(qemu, tcp, records, counters, Some(limiter), cancel).await
+        }
         Remote::Tls(t) => pump(qemu, t, counters, Some(limiter), cancel).await,
         Remote::Plain(t) => pump_plain(qemu, t, counters, Some(limiter), cancel).await,
     };
@@ -293,6 +304,7 @@ async fn open_control(
         source_host: cfg.source_host.clone(),
         channel: 0,
         role: Role::Control,
+        records: false,
     };
     let mut remote = connect(cfg, cancel).await?;
     let (reply, _, _) = handshake(&mut remote, &hello).await?;
@@ -319,7 +331,7 @@ async fn connect(
             })?;
         tune(&tcp);
         match &cfg.transport {
-            ClientTransport::Tls(tls) => {
+            ClientTransport::Tls(tls) | ClientTransport::TlsRustlsOnly(tls) => {
                 let name = rustls_pki_types::ServerName::try_from(cfg.target_host.clone())
                     .map_err(|_| {
                         RelayError::Handshake(format!("bad target host {}", cfg.target_host))
@@ -370,6 +382,20 @@ async fn handshake(
 enum Remote {
     Tls(Box<tokio_rustls::client::TlsStream<BufReader<TcpStream>>>),
     Plain(TcpStream),
+}
+
+impl Remote {
+    /// Whether a stream on this connection offers Ferry's record layer:
+    /// TLS 1.3 negotiated, and the transport not told to keep rustls.
+    fn offers_records(&self, transport: &ClientTransport) -> bool {
+        match self {
+            Remote::Tls(t) => {
+                matches!(transport, ClientTransport::Tls(_))
+                    && t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            }
+            Remote::Plain(_) => false,
+        }
+    }
 }
 
 /// Read buffer under rustls, which on its own reads 4 KiB per syscall.

@@ -111,33 +111,76 @@ async fn backward<U: SpliceSocket, D: SpliceSocket>(
 ) -> Result<(), PumpError> {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        down.ready_read().await.map_err(PumpError::ReadDownstream)?;
-        let n = match down.attempt(Interest::READABLE, || {
-            nix::unistd::read(down.as_fd(), &mut buf).map_err(io::Error::from)
-        }) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(PumpError::ReadDownstream(e)),
-        };
-        let mut off = 0;
-        while off < n {
-            up.ready_write().await.map_err(PumpError::WriteUpstream)?;
-            match up.attempt(Interest::WRITABLE, || {
-                nix::unistd::write(up.as_fd(), &buf[off..n]).map_err(io::Error::from)
-            }) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(PumpError::WriteUpstream(e)),
-            }
+        let n = read_some(down, &mut buf)
+            .await
+            .map_err(PumpError::ReadDownstream)?;
+        if n == 0 {
+            break;
         }
+        write_all(up, &buf[..n])
+            .await
+            .map_err(PumpError::WriteUpstream)?;
         counters.add_backward(n as u64);
     }
     shutdown_write(up);
     Ok(())
 }
 
-fn shutdown_write(s: &impl AsFd) {
+/// Reads what is there (waits for something); 0 at the end of the stream.
+pub(super) async fn read_some<S: SpliceSocket>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        s.ready_read().await?;
+        match s.attempt(Interest::READABLE, || {
+            nix::unistd::read(s.as_fd(), buf).map_err(io::Error::from)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Like [`read_some`], scattering into `bufs` (one `readv`).
+pub(super) async fn read_vectored<S: SpliceSocket>(
+    s: &S,
+    bufs: &mut [io::IoSliceMut<'_>],
+) -> io::Result<usize> {
+    loop {
+        s.ready_read().await?;
+        match s.attempt(Interest::READABLE, || {
+            nix::sys::uio::readv(s.as_fd(), bufs).map_err(io::Error::from)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Writes all of `buf`.
+pub(super) async fn write_all<S: SpliceSocket>(s: &S, buf: &[u8]) -> io::Result<()> {
+    write_all_vectored(s, &mut [io::IoSlice::new(buf)]).await
+}
+
+/// Writes all of `bufs`, gathering them (`writev`).
+pub(super) async fn write_all_vectored<S: SpliceSocket>(
+    s: &S,
+    mut bufs: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        s.ready_write().await?;
+        match s.attempt(Interest::WRITABLE, || {
+            nix::sys::uio::writev(s.as_fd(), bufs).map_err(io::Error::from)
+        }) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn shutdown_write(s: &impl AsFd) {
     // The peer may be gone already; there is nothing left to tell it then.
     let _ = nix::sys::socket::shutdown(s.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }
@@ -153,24 +196,5 @@ pub async fn pump_plain<U: SpliceSocket, D: SpliceSocket>(
 ) -> Result<(), PumpError> {
     let fwd = forward(&up, &down, counters, limiter);
     let bwd = backward(&down, &up, counters);
-    tokio::pin!(fwd, bwd);
-    let (mut fwd_done, mut bwd_done) = (false, false);
-    let linger = tokio::time::sleep(super::pump::LINGER);
-    tokio::pin!(linger);
-    while !(fwd_done && bwd_done) {
-        tokio::select! {
-            r = &mut fwd, if !fwd_done => {
-                r?;
-                fwd_done = true;
-                linger.as_mut().reset(tokio::time::Instant::now() + super::pump::LINGER);
-            }
-            r = &mut bwd, if !bwd_done => {
-                r?;
-                bwd_done = true;
-            }
-            _ = &mut linger, if fwd_done => break,
-            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-        }
-    }
-    Ok(())
+    super::pump::drive(fwd, bwd, cancel).await
 }

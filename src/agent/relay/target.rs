@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::meter::RelayCounters;
 use super::pump::pump;
+use super::records::{REKEY_RECORDS, Records, pump_target};
 use super::source::{Stream, TLS_READ_BUFFER, TLS_WRITE_BUFFER, tune};
 use super::splice::pump_plain;
 use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role, WireError};
@@ -248,6 +249,7 @@ pub enum Incoming {
 pub struct TargetStats {
     refusals: Mutex<HashMap<RefusalReason, u64>>,
     accepted: std::sync::atomic::AtomicU64,
+    records: std::sync::atomic::AtomicU64,
 }
 
 impl TargetStats {
@@ -262,6 +264,10 @@ impl TargetStats {
     /// Channels accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Of those, streams carried on Ferry's record layer.
+    pub fn on_records(&self) -> u64 {
+        self.records.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -490,7 +496,11 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
             return refuse(peer_host, Some(hello), r);
         }
     };
-    let info = accept_info(delivery.on_source_stopped.is_some());
+    let info = AcceptInfo {
+        records: hello.records && conn.takes_records(),
+        ..accept_info(delivery.on_source_stopped.is_some())
+    };
+    let stream = conn.io();
     if let Err(e) = wire::write_reply_with(stream, &Reply::Accept, info).await {
         tracing::warn!(%peer_addr, error = %e, "relay could not send accept");
         return;
@@ -499,12 +509,24 @@ async fn handle(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer_addr: Sock
         .stats
         .accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(migration = %hello.migration, channel = hello.channel, %peer, "relay channel accepted");
+    if info.records {
+        shared
+            .stats
+            .records
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::info!(migration = %hello.migration, channel = hello.channel, %peer, records = info.records, "relay channel accepted");
     delivery.counters.channel_opened();
     let cancel = CancellationToken::new();
     let r = tokio::select! {
         r = async {
             match conn {
+                Conn::Tls(t) if info.records => match Records::server(*t, REKEY_RECORDS) {
+                    Ok((tcp, records)) => {
+                        pump_target(tcp, qemu, records, &delivery.counters, &cancel).await
+                    }
+                    Err(e) => Err(super::pump::PumpError::ReadUpstream(e)),
+                },
                 Conn::Tls(t) => pump(t, qemu, &delivery.counters, None, &cancel).await,
                 Conn::Plain(t) => pump_plain(t, qemu, &delivery.counters, None, &cancel).await,
             }
@@ -529,6 +551,7 @@ fn accept_info(control: bool) -> AcceptInfo {
             std::time::SystemTime::now(),
         )),
         control,
+        records: false,
     }
 }
 
@@ -569,6 +592,16 @@ enum Conn {
 }
 
 impl Conn {
+    /// Whether this connection can switch to Ferry's record layer (TLS 1.3).
+    fn takes_records(&self) -> bool {
+        match self {
+            Conn::Tls(t) => {
+                t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            }
+            Conn::Plain(_) => false,
+        }
+    }
+
     fn io(&mut self) -> &mut dyn Stream {
         match self {
             Conn::Tls(t) => t.as_mut(),

@@ -7,8 +7,8 @@
 //!  ┌────────┬────────┬──────┬─────────────────┬───────────────────┐
 //!  │ "FRLY" │ ver u16│ kind │ body length u32 │ body (JSON) ≤ 4096 │
 //!  └────────┴────────┴──────┴─────────────────┴───────────────────┘
-//!  kind 1 Hello   (source → target): migration ref, claimed source host, channel, role
-//!  kind 2 Accept  (target → source): {clockUs, control}   then, for a stream:
+//!  kind 1 Hello   (source → target): migration ref, claimed source host, channel, role, records
+//!  kind 2 Accept  (target → source): {clockUs, control, records}   then, for a stream:
 //!                                    raw migration bytes both ways
 //!  kind 3 Refuse  (target → source): reason + message, then close
 //!  kind 4 Control (source → target, control channel only): {type: SourceStopped, atUs}
@@ -27,6 +27,12 @@
 //! stream), so it too needs no new version. Its one message,
 //! `SourceStopped`, tells the target the source's guest stopped for the
 //! switchover (see `agent::net::handle`).
+//!
+//! `records: true` in a Hello offers, and in its Accept takes, Ferry's own
+//! TLS 1.3 record layer for the rest of the stream (`relay::records`): the
+//! same records, sealed and opened in place by the agents with the
+//! session's keys. A peer of an earlier release neither offers nor takes
+//! it, and the stream stays on rustls.
 //!
 //! Lengths are checked before anything is allocated; a frame of another
 //! version is answered with a `Refuse` of reason `UnsupportedVersion` in the
@@ -59,6 +65,10 @@ pub struct Hello {
     /// What the connection carries (absent from earlier releases: a stream).
     #[serde(default, skip_serializing_if = "Role::is_stream")]
     pub role: Role,
+    /// The sender can carry the stream after the Accept on Ferry's own TLS
+    /// 1.3 record layer (`relay::records`); absent from earlier releases.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub records: bool,
 }
 
 /// What a relay connection carries.
@@ -97,6 +107,9 @@ pub struct AcceptInfo {
     pub clock_us: Option<i64>,
     /// The target takes a control channel for this migration.
     pub control: bool,
+    /// After this Accept the stream runs on Ferry's record layer (only when
+    /// the Hello offered it).
+    pub records: bool,
 }
 
 /// The target's answer.
@@ -124,6 +137,8 @@ struct ReplyBody {
     clock_us: Option<i64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     control: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    records: bool,
 }
 
 /// A handshake failure on the wire.
@@ -238,7 +253,7 @@ pub async fn write_reply_clocked<W: AsyncWrite + Unpin + ?Sized>(
         reply,
         AcceptInfo {
             clock_us,
-            control: false,
+            ..AcceptInfo::default()
         },
     )
     .await
@@ -258,6 +273,7 @@ pub async fn write_reply_with<W: AsyncWrite + Unpin + ?Sized>(
         reply: reply.clone(),
         clock_us: info.clock_us,
         control: info.control,
+        records: info.records,
     };
     write_frame(w, kind, &encode(&body)?).await
 }
@@ -288,6 +304,7 @@ pub async fn read_reply_with<R: AsyncRead + Unpin + ?Sized>(
                     AcceptInfo {
                         clock_us: b.clock_us,
                         control: b.control,
+                        records: b.records,
                     },
                 )
             })
@@ -328,6 +345,7 @@ mod tests {
             source_host: "host-a".into(),
             channel: 2,
             role: Role::Stream,
+            records: false,
         }
     }
 
@@ -373,6 +391,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_record_layer_is_offered_and_taken_and_old_peers_see_neither() {
+        // Not offered: the Hello reads as before (an older target ignores
+        // an unknown field anyway, but nothing new is sent).
+        let plain = serde_json::to_value(hello()).unwrap();
+        assert!(plain.get("records").is_none(), "{plain}");
+        let offered = Hello {
+            records: true,
+            ..hello()
+        };
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &offered).await.unwrap();
+        assert_eq!(read_hello(&mut &buf[..]).await.unwrap(), offered);
+        // An older source's Hello reads as not offering.
+        let old: Hello = serde_json::from_value(plain).unwrap();
+        assert!(!old.records);
+        let taken = AcceptInfo {
+            clock_us: Some(7),
+            control: false,
+            records: true,
+        };
+        let mut buf = Vec::new();
+        write_reply_with(&mut buf, &Reply::Accept, taken)
+            .await
+            .unwrap();
+        assert_eq!(
+            read_reply_with(&mut &buf[..]).await.unwrap(),
+            (Reply::Accept, taken)
+        );
+        // An older target's Accept reads as not taking it.
+        let old = serde_json::to_vec(&Reply::Accept).unwrap();
+        let b: ReplyBody = serde_json::from_slice(&old).unwrap();
+        assert!(!b.records);
+    }
+
+    #[tokio::test]
     async fn the_control_channel_is_advertised_asked_for_and_carried() {
         // A stream's Hello reads as it did before roles existed.
         let plain = serde_json::to_value(hello()).unwrap();
@@ -391,6 +444,7 @@ mod tests {
         let info = AcceptInfo {
             clock_us: Some(5),
             control: true,
+            records: false,
         };
         write_reply_with(&mut buf, &Reply::Accept, info)
             .await
