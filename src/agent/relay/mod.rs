@@ -24,9 +24,12 @@
 //! on the source, an [`Incoming`] outcome on the target; refusals are also
 //! counted by reason ([`TargetStats`]) and logged.
 //!
-//! TLS connections read through a 256 KiB buffer (rustls alone reads the
-//! socket 4 KiB at a time) and may queue 4 MiB of records per write. The
-//! plain path splices socket to socket through a pipe without copying.
+//! The TLS handshake, Hello and reply go through rustls (reading through a
+//! 256 KiB buffer: rustls alone reads the socket 4 KiB at a time). After a
+//! stream's Accept both agents carry its bytes on their own TLS 1.3 record
+//! layer with the session's keys, encrypting and decrypting in place
+//! (module `records`), unless the peer is of a release without it. The plain
+//! path splices socket to socket through a pipe without copying.
 //!
 //! A plain TCP mode exists for the benchmark comparison only; it must be
 //! chosen explicitly ([`ClientTransport::InsecurePlain`]) and is never a
