@@ -296,8 +296,7 @@ impl Records {
         rekey_every: u64,
     ) -> io::Result<(TcpStream, Records)> {
         let (io, conn) = tls.into_inner();
-        let records = Self::from_session(conn, io.buffer().to_vec(), rekey_every)?;
-        Ok((io.into_inner(), records))
+        Self::take(io, conn, rekey_every)
     }
 
     /// The target's side of an accepted stream.
@@ -306,6 +305,15 @@ impl Records {
         rekey_every: u64,
     ) -> io::Result<(TcpStream, Records)> {
         let (io, conn) = tls.into_inner();
+        Self::take(io, conn, rekey_every)
+    }
+
+    /// The socket back, with what its read buffer held as the first bytes.
+    fn take<S: Session>(
+        io: BufReader<TcpStream>,
+        conn: S,
+        rekey_every: u64,
+    ) -> io::Result<(TcpStream, Records)> {
         let records = Self::from_session(conn, io.buffer().to_vec(), rekey_every)?;
         Ok((io.into_inner(), records))
     }
