@@ -48,7 +48,7 @@ use super::splice::{
 };
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
-pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
+const MAX_PLAINTEXT: usize = 1 << 14;
 const HEADER: usize = 5;
 const TAG: usize = 16;
 /// Largest ciphertext a peer may send (plaintext, type, padding, tag).
@@ -59,16 +59,12 @@ const SLOT: usize = HEADER + MAX_PLAINTEXT + 1 + TAG;
 /// (rustls' confidentiality limit for it is 2^24).
 pub(crate) const REKEY_RECORDS: u64 = 1 << 23;
 /// The exporter label of the re-keying secret.
-pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPERIMENTAL ferry relay record rekey";
+const EXPORTER_LABEL: &[u8] = b"EXPERIMENTAL ferry relay record rekey";
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
-/// Slots per forward read: 64 × 16 KiB = 1 MiB, the forward chunk.
-const FORWARD_SLOTS: usize = 64;
-/// Slots per backward read (the return path is small).
-const BACKWARD_SLOTS: usize = 4;
 
 fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
@@ -220,6 +216,12 @@ pub(crate) struct Records {
     unread: Vec<u8>,
 }
 
+/// Whether a session can switch to this record layer: TLS 1.3 only (a TLS
+/// 1.2 record has another nonce and additional data).
+pub(crate) fn available(session: &rustls::CommonState) -> bool {
+    session.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+}
+
 /// What the record layer needs of a rustls connection of either end.
 trait Session: Sized {
     const END: End;
@@ -260,7 +262,7 @@ impl Records {
         rekey_every: u64,
     ) -> io::Result<Records> {
         let tls = |e: rustls::Error| invalid(format!("taking the TLS session's keys: {e}"));
-        if conn.common().protocol_version() != Some(ProtocolVersion::TLSv1_3) {
+        if !available(conn.common()) {
             return Err(invalid("Ferry's record layer needs TLS 1.3"));
         }
         let state = conn.process().map_err(tls)?;
@@ -319,9 +321,33 @@ impl Records {
     }
 }
 
-type ErrorKinds = (fn(io::Error) -> PumpError, fn(io::Error) -> PumpError);
-const FORWARD: ErrorKinds = (PumpError::ReadUpstream, PumpError::WriteDownstream);
-const BACKWARD: ErrorKinds = (PumpError::ReadDownstream, PumpError::WriteUpstream);
+/// One direction of a channel, as the pumps carry it.
+struct Leg {
+    /// Records' worth of plaintext per read.
+    records: usize,
+    /// Where its bytes are counted.
+    count: fn(&RelayCounters, u64),
+    /// What a failed read is.
+    read_error: fn(io::Error) -> PumpError,
+    /// What a failed write is.
+    write_error: fn(io::Error) -> PumpError,
+}
+
+/// QEMU's stream, source to target: 64 records, the 1 MiB forward chunk.
+const STREAM: Leg = Leg {
+    records: 64,
+    count: RelayCounters::add_forward,
+    read_error: PumpError::ReadUpstream,
+    write_error: PumpError::WriteDownstream,
+};
+
+/// QEMU's return path, target to source: small.
+const RETURN: Leg = Leg {
+    records: 4,
+    count: RelayCounters::add_backward,
+    read_error: PumpError::ReadDownstream,
+    write_error: PumpError::WriteUpstream,
+};
 
 /// Reads plaintext from `from` straight into record slots, seals them in
 /// place and writes them to `to`; at the end of `from`, a close_notify.
@@ -329,12 +355,12 @@ async fn seal<F: SpliceSocket, T: SpliceSocket>(
     from: &F,
     to: &T,
     keys: &mut DirectionKeys,
-    slots: usize,
-    count: impl Fn(u64),
+    leg: &Leg,
+    counters: &RelayCounters,
     limiter: Option<&RateLimiter>,
-    (read_err, write_err): ErrorKinds,
 ) -> Result<(), PumpError> {
-    let mut buf = vec![0u8; slots * SLOT];
+    let (read_err, write_err) = (leg.read_error, leg.write_error);
+    let mut buf = vec![0u8; leg.records * SLOT];
     loop {
         let n = {
             let mut iov: Vec<IoSliceMut> = buf
@@ -364,7 +390,7 @@ async fn seal<F: SpliceSocket, T: SpliceSocket>(
             l.acquire(n).await;
         }
         write_all(to, &buf[..end]).await.map_err(write_err)?;
-        count(n as u64);
+        (leg.count)(counters, n as u64);
     }
 }
 
@@ -375,16 +401,19 @@ async fn open<F: SpliceSocket, T: SpliceSocket>(
     to: &T,
     keys: &mut DirectionKeys,
     unread: &[u8],
-    chunk: usize,
-    count: impl Fn(u64),
-    (read_err, write_err): ErrorKinds,
+    leg: &Leg,
+    counters: &RelayCounters,
 ) -> Result<(), PumpError> {
+    let (read_err, write_err) = (leg.read_error, leg.write_error);
     let record_max = HEADER + MAX_CIPHERTEXT;
+    let chunk = leg.records * MAX_PLAINTEXT;
     let mut buf = vec![0u8; (chunk + record_max).max(unread.len() + record_max)];
     buf[..unread.len()].copy_from_slice(unread);
     let (mut start, mut end) = (0, unread.len());
+    // Where each opened record's plaintext lies in `buf`.
+    let mut plain: Vec<(usize, usize)> = Vec::new();
     loop {
-        let mut plain: Vec<(usize, usize)> = Vec::new();
+        plain.clear();
         let mut closed = false;
         while end - start >= HEADER && !closed {
             let header = &buf[start..start + HEADER];
@@ -428,7 +457,7 @@ async fn open<F: SpliceSocket, T: SpliceSocket>(
             write_all_vectored(to, &mut slices)
                 .await
                 .map_err(write_err)?;
-            count(total as u64);
+            (leg.count)(counters, total as u64);
         }
         if closed {
             shutdown_write(to);
@@ -467,24 +496,8 @@ pub(crate) async fn pump_source(
         mut rx,
         unread,
     } = records;
-    let fwd = seal(
-        &qemu,
-        &remote,
-        &mut tx,
-        FORWARD_SLOTS,
-        |n| counters.add_forward(n),
-        limiter,
-        FORWARD,
-    );
-    let bwd = open(
-        &remote,
-        &qemu,
-        &mut rx,
-        &unread,
-        BACKWARD_SLOTS * MAX_PLAINTEXT,
-        |n| counters.add_backward(n),
-        BACKWARD,
-    );
+    let fwd = seal(&qemu, &remote, &mut tx, &STREAM, counters, limiter);
+    let bwd = open(&remote, &qemu, &mut rx, &unread, &RETURN, counters);
     super::pump::drive(fwd, bwd, cancel).await
 }
 
@@ -502,24 +515,8 @@ pub(crate) async fn pump_target(
         mut rx,
         unread,
     } = records;
-    let fwd = open(
-        &remote,
-        &qemu,
-        &mut rx,
-        &unread,
-        FORWARD_SLOTS * MAX_PLAINTEXT,
-        |n| counters.add_forward(n),
-        FORWARD,
-    );
-    let bwd = seal(
-        &qemu,
-        &remote,
-        &mut tx,
-        BACKWARD_SLOTS,
-        |n| counters.add_backward(n),
-        None,
-        BACKWARD,
-    );
+    let fwd = open(&remote, &qemu, &mut rx, &unread, &STREAM, counters);
+    let bwd = seal(&qemu, &remote, &mut tx, &RETURN, counters, None);
     super::pump::drive(fwd, bwd, cancel).await
 }
 
@@ -597,7 +594,7 @@ mod tests {
     async fn a_stream_without_close_notify_is_an_error_and_with_it_an_end() {
         let mut tx = keys(REKEY_RECORDS);
         let records = sealed(&mut tx, 2);
-        let count = |_| {};
+        let counters = RelayCounters::default();
         // Records, then the socket closes: truncated.
         let (peer, relay_in) = UnixStream::pair().unwrap();
         let (relay_out, mut qemu) = UnixStream::pair().unwrap();
@@ -607,7 +604,7 @@ mod tests {
         }
         drop(peer);
         let mut rx = keys(REKEY_RECORDS);
-        let r = open(&relay_in, &relay_out, &mut rx, &[], 1 << 16, count, FORWARD).await;
+        let r = open(&relay_in, &relay_out, &mut rx, &[], &STREAM, &counters).await;
         match r {
             Err(PumpError::ReadUpstream(e)) => {
                 assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}")
@@ -626,13 +623,13 @@ mod tests {
         plain_in.write_all(b"last words").await.unwrap();
         drop(plain_in);
         let mut tx = keys(REKEY_RECORDS);
-        seal(&relay_from, &relay_to, &mut tx, 2, count, None, FORWARD)
+        seal(&relay_from, &relay_to, &mut tx, &STREAM, &counters, None)
             .await
             .unwrap();
         drop(relay_to);
         let (relay_out, mut qemu) = UnixStream::pair().unwrap();
         let mut rx = keys(REKEY_RECORDS);
-        open(&peer_out, &relay_out, &mut rx, &[], 1 << 16, count, FORWARD)
+        open(&peer_out, &relay_out, &mut rx, &[], &STREAM, &counters)
             .await
             .unwrap();
         drop(relay_out);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::meter::{RateLimiter, RelayCounters};
 use super::pump::pump;
-use super::records::{REKEY_RECORDS, Records, pump_source};
+use super::records::{self, REKEY_RECORDS, Records, pump_source};
 use super::splice::pump_plain;
 use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role};
 use super::{ChannelReport, ClientTransport, ClockOffset, MigrationRef, RelayError};
@@ -246,17 +246,13 @@ async fn run_channel(
     shared: &Channels,
 ) -> Result<(), RelayError> {
     let (counters, limiter, cancel) = (&shared.counters, &*shared.limiter, &shared.cancel);
+    let mut remote = connect(cfg, cancel).await?;
     let hello = Hello {
         migration: cfg.migration.clone(),
         source_host: cfg.source_host.clone(),
         channel: index,
         role: Role::Stream,
-        records: false,
-    };
-    let mut remote = connect(cfg, cancel).await?;
-    let hello = Hello {
         records: remote.offers_records(&cfg.transport),
-        ..hello
     };
     let (reply, info, offset) = handshake(&mut remote, &hello).await?;
     if let Some(offset) = offset {
@@ -390,8 +386,7 @@ impl Remote {
     fn offers_records(&self, transport: &ClientTransport) -> bool {
         match self {
             Remote::Tls(t) => {
-                matches!(transport, ClientTransport::Tls(_))
-                    && t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+                matches!(transport, ClientTransport::Tls(_)) && records::available(t.get_ref().1)
             }
             Remote::Plain(_) => false,
         }

@@ -73,30 +73,24 @@ async fn forward<U: SpliceSocket, D: SpliceSocket>(
 ) -> Result<(), PumpError> {
     let (pr, pw) = pipe().map_err(PumpError::ReadUpstream)?;
     loop {
-        up.ready_read().await.map_err(PumpError::ReadUpstream)?;
-        let n = match up.attempt(Interest::READABLE, || {
+        let n = when_ready(up, Interest::READABLE, || {
             splice(up.as_fd(), None, &pw, None, FORWARD_CHUNK, FLAGS).map_err(io::Error::from)
-        }) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(PumpError::ReadUpstream(e)),
-        };
+        })
+        .await
+        .map_err(PumpError::ReadUpstream)?;
+        if n == 0 {
+            break;
+        }
         if let Some(l) = limiter {
             l.acquire(n).await;
         }
         let mut left = n;
         while left > 0 {
-            down.ready_write()
-                .await
-                .map_err(PumpError::WriteDownstream)?;
-            match down.attempt(Interest::WRITABLE, || {
+            left -= when_ready(down, Interest::WRITABLE, || {
                 splice(&pr, None, down.as_fd(), None, left, FLAGS).map_err(io::Error::from)
-            }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(PumpError::WriteDownstream(e)),
-            }
+            })
+            .await
+            .map_err(PumpError::WriteDownstream)?;
         }
         counters.add_forward(n as u64);
     }
@@ -126,17 +120,29 @@ async fn backward<U: SpliceSocket, D: SpliceSocket>(
     Ok(())
 }
 
-/// Reads what is there (waits for something); 0 at the end of the stream.
-pub(super) async fn read_some<S: SpliceSocket>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
+/// Runs the non-blocking `op` once `s` is ready for `interest`, again each
+/// time it would block.
+async fn when_ready<S: SpliceSocket, R>(
+    s: &S,
+    interest: Interest,
+    mut op: impl FnMut() -> io::Result<R>,
+) -> io::Result<R> {
     loop {
-        s.ready_read().await?;
-        match s.attempt(Interest::READABLE, || {
-            nix::unistd::read(s.as_fd(), buf).map_err(io::Error::from)
-        }) {
+        if interest.is_readable() {
+            s.ready_read().await?;
+        } else {
+            s.ready_write().await?;
+        }
+        match s.attempt(interest, &mut op) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }
     }
+}
+
+/// Reads what is there (waits for something); 0 at the end of the stream.
+pub(super) async fn read_some<S: SpliceSocket>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
+    read_vectored(s, &mut [io::IoSliceMut::new(buf)]).await
 }
 
 /// Like [`read_some`], scattering into `bufs` (one `readv`).
@@ -144,15 +150,10 @@ pub(super) async fn read_vectored<S: SpliceSocket>(
     s: &S,
     bufs: &mut [io::IoSliceMut<'_>],
 ) -> io::Result<usize> {
-    loop {
-        s.ready_read().await?;
-        match s.attempt(Interest::READABLE, || {
-            nix::sys::uio::readv(s.as_fd(), bufs).map_err(io::Error::from)
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
+    when_ready(s, Interest::READABLE, || {
+        nix::sys::uio::readv(s.as_fd(), bufs).map_err(io::Error::from)
+    })
+    .await
 }
 
 /// Writes all of `buf`.
@@ -165,17 +166,18 @@ pub(super) async fn write_all_vectored<S: SpliceSocket>(
     s: &S,
     mut bufs: &mut [io::IoSlice<'_>],
 ) -> io::Result<()> {
+    // Drop leading empty slices: a writev of nothing returns 0, which
+    // would read as the socket taking no more.
     io::IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
-        s.ready_write().await?;
-        match s.attempt(Interest::WRITABLE, || {
+        let n = when_ready(s, Interest::WRITABLE, || {
             nix::sys::uio::writev(s.as_fd(), bufs).map_err(io::Error::from)
-        }) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
+        io::IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
 }

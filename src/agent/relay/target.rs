@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::meter::RelayCounters;
 use super::pump::pump;
-use super::records::{REKEY_RECORDS, Records, pump_target};
+use super::records::{self, REKEY_RECORDS, Records, pump_target};
 use super::source::{Stream, TLS_READ_BUFFER, TLS_WRITE_BUFFER, tune};
 use super::splice::pump_plain;
 use super::wire::{self, AcceptInfo, Control, Hello, Reply, Role, WireError};
@@ -595,9 +595,7 @@ impl Conn {
     /// Whether this connection can switch to Ferry's record layer (TLS 1.3).
     fn takes_records(&self) -> bool {
         match self {
-            Conn::Tls(t) => {
-                t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
-            }
+            Conn::Tls(t) => records::available(t.get_ref().1),
             Conn::Plain(_) => false,
         }
     }
