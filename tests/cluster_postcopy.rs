@@ -166,12 +166,19 @@ async fn post_copy_recovers_when_the_relay_connection_is_killed() {
     // Once the guest runs on the target in post-copy, kill the relay's TCP
     // connection (the kernel resets both ends).
     let migrations: Api<Migration> = Api::namespaced(cluster.client.clone(), "default");
-    wait_for(Duration::from_secs(120), || async {
+    let switched = wait_for(Duration::from_secs(120), || async {
         let s = migrations.get("move-busy").await.ok()?.status?;
         (s.source?.state == AgentState::PostCopyActive).then_some(())
     })
-    .await
-    .expect("the migration switches to post-copy");
+    .await;
+    if switched.is_none() {
+        let status = migrations
+            .get("move-busy")
+            .await
+            .ok()
+            .and_then(|m| m.status);
+        panic!("the migration switches to post-copy; its status: {status:#?}");
+    }
     let killed = Command::new("ss")
         .args(["-K", "dst", "127.0.0.1", "dport", "=", &port])
         .output()
