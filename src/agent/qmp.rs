@@ -35,7 +35,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, broadcast, oneshot};
@@ -215,17 +215,9 @@ impl Qmp {
             })?;
         let (read, write) = stream.into_split();
         let mut reader = BufReader::with_capacity(64 * 1024, read);
-        let mut line = String::new();
-        let greeting = tokio::time::timeout(DEFAULT_COMMAND_TIMEOUT, reader.read_line(&mut line))
+        let greeting = tokio::time::timeout(DEFAULT_COMMAND_TIMEOUT, read_greeting(&mut reader))
             .await
             .map_err(|_| QmpError::Greeting("no greeting within the timeout".into()))??;
-        if greeting == 0 {
-            return Err(QmpError::Greeting(
-                "connection closed before the greeting".into(),
-            ));
-        }
-        let greeting: GreetingLine = serde_json::from_str(&line)
-            .map_err(|e| QmpError::Greeting(format!("{e}: {}", line.trim())))?;
         let (events, _) = broadcast::channel(256);
         let (closed, _) = tokio::sync::watch::channel(false);
         let closed = Arc::new(closed);
@@ -242,7 +234,7 @@ impl Qmp {
             next_id: AtomicU64::new(1),
             events,
             closed,
-            greeting: greeting.qmp,
+            greeting,
             path: path.to_owned(),
             reader,
         };
@@ -399,6 +391,44 @@ struct ErrorBody {
     desc: String,
 }
 
+/// Events QEMU may write ahead of its greeting before the greeting counts as
+/// missing.
+const MAX_EVENTS_BEFORE_GREETING: usize = 64;
+
+/// Reads QEMU's greeting, passing over events written ahead of it.
+///
+/// QEMU can put an event on a connection it has just accepted before the
+/// greeting: its monitor accepts in its own thread while the main thread
+/// emits events (a `RESUME` as a fresh VM starts), and a monitor that has
+/// not greeted yet is not marked as negotiating. Such an event is from
+/// before the session began, so nobody is subscribed to it; it is skipped.
+async fn read_greeting<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Greeting, QmpError> {
+    let mut line = String::new();
+    for _ in 0..=MAX_EVENTS_BEFORE_GREETING {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Err(QmpError::Greeting(
+                "connection closed before the greeting".into(),
+            ));
+        }
+        let value: Value = serde_json::from_str(&line)
+            .map_err(|e| QmpError::Greeting(format!("{e}: {}", line.trim())))?;
+        if value.get("event").is_some() && value.get("QMP").is_none() {
+            tracing::debug!(
+                line = line.trim(),
+                "QMP event ahead of the greeting, skipped"
+            );
+            continue;
+        }
+        let greeting: GreetingLine = serde_json::from_value(value)
+            .map_err(|e| QmpError::Greeting(format!("{e}: {}", line.trim())))?;
+        return Ok(greeting.qmp);
+    }
+    Err(QmpError::Greeting(format!(
+        "more than {MAX_EVENTS_BEFORE_GREETING} events and no greeting"
+    )))
+}
+
 async fn read_loop(
     mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     pending: Pending,
@@ -451,4 +481,97 @@ async fn read_loop(
     closed.send_replace(true);
     // Dropping the senders wakes every waiting caller with Disconnected.
     lock(&pending).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+    const RESUME: &str =
+        r#"{"timestamp": {"seconds": 1796684058, "microseconds": 758192}, "event": "RESUME"}"#;
+
+    /// A QMP server that writes `before` lines, then answers every command
+    /// with an empty return carrying its id.
+    async fn serve(before: Vec<String>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            for line in before {
+                write
+                    .write_all(format!("{line}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let reply = serde_json::json!({"return": {}, "id": cmd["id"]});
+                write
+                    .write_all(format!("{reply}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        (dir, path)
+    }
+
+    async fn refused(path: &Path) -> QmpError {
+        match Qmp::connect(path).await {
+            Ok(_) => panic!("the session was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_ahead_of_the_greeting_are_passed_over() {
+        let (_dir, path) = serve(vec![RESUME.into(), RESUME.into(), GREETING.into()]).await;
+        let qmp = Qmp::connect(&path).await.expect("connects past the events");
+        assert_eq!(qmp.greeting().version.qemu.major, 7);
+        assert_eq!(qmp.greeting().capabilities.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_line_that_is_neither_event_nor_greeting_is_refused() {
+        let (_dir, path) = serve(vec![r#"{"return": {}}"#.into(), GREETING.into()]).await;
+        let err = refused(&path).await;
+        assert!(
+            matches!(&err, QmpError::Greeting(m) if m.contains("missing field `QMP`")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endless_events_without_a_greeting_are_refused() {
+        let lines = vec![RESUME.to_string(); MAX_EVENTS_BEFORE_GREETING + 1];
+        let (_dir, path) = serve(lines).await;
+        let err = refused(&path).await;
+        assert!(
+            matches!(&err, QmpError::Greeting(m) if m.contains("no greeting")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_before_the_greeting_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream
+                .write_all(format!("{RESUME}\r\n").as_bytes())
+                .await
+                .unwrap();
+        });
+        let err = refused(&path).await;
+        assert!(
+            matches!(&err, QmpError::Greeting(m) if m.contains("closed before")),
+            "{err}"
+        );
+    }
 }
