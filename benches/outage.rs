@@ -28,7 +28,11 @@
 //! records, over the window from `migrate` until the guest has run on the
 //! target for [`SETTLE`]: the longest gap between ping replies, the longest
 //! stall between TCP echoes, QEMU's `downtime`, and the real pause — the
-//! source's `STOP` event to the target's `RESUME` event. QMP stamps events
+//! source's `STOP` event to the target's `RESUME` event, in two parts: to
+//! the source's migration completing (`MIGRATION` `completed`: its last
+//! byte written, which is where QEMU's `downtime` ends), and from there to
+//! the target's `RESUME` (what was still on its way carried and loaded; the
+//! target's own `completed` comes after its `RESUME`). QMP stamps events
 //! with the host's wall clock (`g_get_real_time`); both QEMUs run on this
 //! machine, so the two stamps come from one clock.
 //!
@@ -42,7 +46,7 @@
 #[path = "../tests/net_support/mod.rs"]
 mod net_support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -229,20 +233,39 @@ struct Run {
     ping_gap: Duration,
     tcp_stall: Duration,
     real_pause: Option<Duration>,
+    /// The real pause in two parts: the source's `STOP` to its migration
+    /// completing (its last byte written), and that to the target's
+    /// `RESUME` (the bytes still on their way carried and loaded).
+    stopped_to_sent: Option<Duration>,
+    sent_to_running: Option<Duration>,
     qemu_downtime: Duration,
 }
 
-/// The first event called `name` in the receiver's backlog, in µs since
-/// the epoch.
-fn event_us(rx: &mut broadcast::Receiver<Event>, name: &str) -> Option<i64> {
+/// When each event in the receiver's backlog first came, in µs since the
+/// epoch; a `MIGRATION` event is keyed by its status (`MIGRATION:completed`).
+fn event_times(rx: &mut broadcast::Receiver<Event>) -> BTreeMap<String, i64> {
+    let mut at = BTreeMap::new();
     loop {
         match rx.try_recv() {
-            Ok(e) if e.name == name => {
-                return Some(e.timestamp.seconds * 1_000_000 + e.timestamp.microseconds);
+            Ok(e) => {
+                let key = match e.data.get("status").and_then(|s| s.as_str()) {
+                    Some(status) if e.name == "MIGRATION" => format!("MIGRATION:{status}"),
+                    _ => e.name.clone(),
+                };
+                at.entry(key)
+                    .or_insert(e.timestamp.seconds * 1_000_000 + e.timestamp.microseconds);
             }
-            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-            Err(_) => return None,
+            Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return at,
         }
+    }
+}
+
+/// From `a` to `b` (µs since the epoch), when both came and in that order.
+fn between(a: Option<&i64>, b: Option<&i64>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) if b >= a => Some(Duration::from_micros((b - a) as u64)),
+        _ => None,
     }
 }
 
@@ -310,37 +333,41 @@ async fn migrate_once(
     let gap = |log: &net_support::outage::Log| {
         longest_gap(&log.times(), s.started, end).unwrap_or_default()
     };
-    let real_pause = match (
-        event_us(&mut source_events, "STOP"),
-        event_us(&mut s.target_events, "RESUME"),
-    ) {
-        (Some(stop), Some(resume)) if resume >= stop => {
-            Some(Duration::from_micros((resume - stop) as u64))
-        }
-        _ => None,
-    };
+    let (src, tgt) = (
+        event_times(&mut source_events),
+        event_times(&mut s.target_events),
+    );
+    let (stop, sent) = (src.get("STOP"), src.get("MIGRATION:completed"));
+    let resume = tgt.get("RESUME");
     let run = Run {
         mode,
         limit_ms,
         ping_gap: gap(client.ping.log()),
         tcp_stall: gap(client.echo.log()),
-        real_pause,
+        real_pause: between(stop, resume),
+        stopped_to_sent: between(stop, sent),
+        sent_to_running: between(sent, resume),
         qemu_downtime: s.qemu_downtime,
     };
     println!(
-        "{:<6} {:>3} ms {} → {}: ping gap {:>4} ms, TCP stall {:>4} ms, real pause {:>4} ms, QEMU downtime {:>3} ms, migration {:.2} s",
+        "{:<6} {:>3} ms {} → {}: ping gap {:>4} ms, TCP stall {:>4} ms, real pause {:>4} ms (sent {} + carried {}), QEMU downtime {:>3} ms, migration {:.2} s",
         mode.label(),
         limit_ms,
         from.name,
         to.name,
         run.ping_gap.as_millis(),
         run.tcp_stall.as_millis(),
-        run.real_pause
-            .map_or_else(|| "?".into(), |d| d.as_millis().to_string()),
+        show(run.real_pause),
+        show(run.stopped_to_sent),
+        show(run.sent_to_running),
         run.qemu_downtime.as_millis(),
         (s.running - s.started).as_secs_f64(),
     );
     Ok((run, s.target))
+}
+
+fn show(d: Option<Duration>) -> String {
+    d.map_or_else(|| "?".into(), |d| d.as_millis().to_string())
 }
 
 async fn bench(
@@ -418,10 +445,12 @@ fn max(v: &[f64]) -> Option<f64> {
 
 type Figure = fn(&Run) -> Option<Duration>;
 
-const FIGURES: [(&str, Figure); 4] = [
+const FIGURES: [(&str, Figure); 6] = [
     ("ping gap", |r| Some(r.ping_gap)),
     ("TCP stall", |r| Some(r.tcp_stall)),
     ("real pause", |r| r.real_pause),
+    (" stop→sent", |r| r.stopped_to_sent),
+    (" sent→running", |r| r.sent_to_running),
     ("QEMU downtime", |r| Some(r.qemu_downtime)),
 ];
 

@@ -308,7 +308,7 @@ pub fn status_patch(
         reason: if succeeded {
             "Succeeded".into()
         } else {
-            phase_name(phase).into()
+            core_phase(phase).as_str().into()
         },
         message: message.to_string(),
         last_transition_time: keep_time("Succeeded", ok).unwrap_or_else(|| now.clone()),
@@ -354,22 +354,6 @@ pub fn status_patch(
         map.insert("failureReason".into(), serde_json::json!(r));
     }
     serde_json::json!({ "status": status })
-}
-
-fn phase_name(p: MigrationPhase) -> &'static str {
-    match p {
-        MigrationPhase::Pending => "Pending",
-        MigrationPhase::Scheduling => "Scheduling",
-        MigrationPhase::Queued => "Queued",
-        MigrationPhase::Scheduled => "Scheduled",
-        MigrationPhase::PreparingTarget => "PreparingTarget",
-        MigrationPhase::Running => "Running",
-        MigrationPhase::PostCopy => "PostCopy",
-        MigrationPhase::Completing => "Completing",
-        MigrationPhase::Succeeded => "Succeeded",
-        MigrationPhase::Failed => "Failed",
-        MigrationPhase::Cancelled => "Cancelled",
-    }
 }
 
 /// An agent's report as the source of a `Failed` transition, for tests.
