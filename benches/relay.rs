@@ -497,6 +497,26 @@ async fn main() {
     };
     let has = |m: Mode| modes.contains(&m);
     let ratio = |a: Mode, b: Mode| (has(a) && has(b)).then(|| rate(a) / rate(b));
+    // The same ratio within each round (the modes of a round run back to
+    // back), then the median: steadier than a ratio of medians when the
+    // machine's speed drifts between rounds.
+    let paired = |a: Mode, b: Mode| {
+        (has(a) && has(b)).then(|| {
+            median(
+                results
+                    .chunks(modes.len())
+                    .filter_map(|round| {
+                        let of = |m: Mode| round.iter().find(|r| r.mode == m);
+                        let (x, y) = (of(a)?, of(b)?);
+                        Some(
+                            (x.bytes as f64 / x.qemu_ms as f64)
+                                / (y.bytes as f64 / y.qemu_ms as f64),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+    };
     let shown = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
     println!("\nmedian of {rounds} rounds (QEMU's own total-time):");
     for &m in &modes {
@@ -513,6 +533,14 @@ async fn main() {
         shown(ratio(Mode::RelayTls, Mode::SocatTls)),
         shown(ratio(Mode::RelayPlain, Mode::SocatPlain)),
         shown(ratio(Mode::RelayTls, Mode::RelayTlsRustls))
+    );
+    println!(
+        "  per round, median: Ferry TLS / direct {}   Ferry plain / direct {}   Ferry TLS / socat TLS {}   Ferry plain / socat plain {}   Ferry records / rustls {}",
+        shown(paired(Mode::RelayTls, Mode::Direct)),
+        shown(paired(Mode::RelayPlain, Mode::Direct)),
+        shown(paired(Mode::RelayTls, Mode::SocatTls)),
+        shown(paired(Mode::RelayPlain, Mode::SocatPlain)),
+        shown(paired(Mode::RelayTls, Mode::RelayTlsRustls))
     );
     println!(
         "bench process (agents' relays) RSS: idle {} MiB, peak {} MiB; wall {:.1} s",

@@ -17,7 +17,7 @@ mod e2e_support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e_support::{Cluster, memtest_vm};
+use e2e_support::{Cluster, MigrationWatch, memtest_vm};
 use ferry::agent::guest::VerifyReport;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -143,60 +143,6 @@ fn streams_from(c: &Cluster, hm: &str, host: &str) -> (usize, usize) {
         }
     }
     (transfers, preparations)
-}
-
-/// `kubectl get mig --watch` on a label selector, in the background: the
-/// last phase each VM's Migration was seen in. Killed on drop.
-struct Watch {
-    child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Watch {
-    fn start(c: &Cluster, selector: &str) -> Watch {
-        let mut child = std::process::Command::new(e2e_support::kubectl_binary())
-            .arg("--kubeconfig")
-            .arg(c.kubeconfig())
-            .arg("--cache-dir")
-            .arg(c.data_dir().join("kubectl-watch-cache"))
-            .args(["get", "mig", "-A", "-l", selector, "--watch"])
-            .arg(r#"-o=jsonpath={.spec.vmName} {.status.phase}{"\n"}"#)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Watch { child, lines }
-    }
-
-    /// VM → the phase its Migration was last seen in.
-    fn last_phases(&self) -> BTreeMap<String, String> {
-        let mut last = BTreeMap::new();
-        for l in self.lines.lock().unwrap().iter() {
-            let mut f = l.split_whitespace();
-            if let Some(vm) = f.next() {
-                last.insert(vm.to_string(), f.next().unwrap_or("").to_string());
-            }
-        }
-        last
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn assert_intact_on(c: &Cluster, vm: &str, expect: impl Fn(&str) -> bool, what: &str) {
@@ -372,7 +318,7 @@ fn undrain_mid_way_cancels_in_flight_moves_and_leaves_the_rest_on_the_host() {
 
     // The drain's Migrations are owned by the maintenance and collected
     // with it, so their phases are read from a watch started before.
-    let watch = Watch::start(&c, "ferry.dev/maintenance=host-1");
+    let watch = MigrationWatch::start(&c, "ferry.dev/maintenance=host-1", "{.spec.vmName}");
     let out = c.ferry(&["undrain", "host-1"]);
     assert!(out.status.success(), "{}", text(&out));
     c.wait_for("the maintenance to go", TIMEOUT, || {

@@ -19,11 +19,9 @@
 mod e2e_support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e_support::{Cluster, memtest_vm};
+use e2e_support::{Cluster, MigrationWatch, memtest_vm};
 use ferry::agent::guest::VerifyReport;
 use ferry::cli::up::layout::Layout;
 
@@ -101,61 +99,6 @@ fn drain_migrations(c: &Cluster, hm: &str) -> BTreeMap<String, (String, String)>
     .collect()
 }
 
-/// `kubectl get mig --watch` in the background: every (name, phase) seen,
-/// so that phases of Migrations collected with their maintenance can be
-/// read afterwards. Killed on drop.
-struct Watch {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Watch {
-    fn start(c: &Cluster, selector: &str) -> Watch {
-        let mut child = Command::new(e2e_support::kubectl_binary())
-            .arg("--kubeconfig")
-            .arg(c.kubeconfig())
-            .arg("--cache-dir")
-            .arg(c.data_dir().join("kubectl-watch-cache"))
-            .args(["get", "mig", "-l", selector, "--watch"])
-            .arg(r#"-o=jsonpath={.metadata.name} {.status.phase}{"\n"}"#)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Watch { child, lines }
-    }
-
-    /// Migration → the last phase it was seen in.
-    fn last_phases(&self) -> BTreeMap<String, String> {
-        let mut last = BTreeMap::new();
-        for l in self.lines.lock().unwrap().iter() {
-            let mut f = l.split_whitespace();
-            if let Some(name) = f.next() {
-                last.insert(name.to_string(), f.next().unwrap_or("").to_string());
-            }
-        }
-        last
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn kubectl_delete_of_a_hostmaintenance_mid_drain_cancels_both_moves_in_flight() {
     let c = Cluster::up(3);
@@ -169,7 +112,7 @@ fn kubectl_delete_of_a_hostmaintenance_mid_drain_cancels_both_moves_in_flight() 
     ]);
     vms_on_host_1(&c, &VMS, 32);
 
-    let watch = Watch::start(&c, "ferry.dev/maintenance=host-1");
+    let watch = MigrationWatch::start(&c, "ferry.dev/maintenance=host-1", "{.metadata.name}");
     c.apply(
         "apiVersion: ferry.dev/v1alpha1\nkind: HostMaintenance\nmetadata:\n  name: host-1\nspec:\n  host: host-1\n  targetHost: host-3\n  reason: cancelled mid-way by the test\n",
     );

@@ -511,3 +511,59 @@ pub fn memtest_vm(name: &str, memory: &str, fill_mib: u32) -> String {
 pub fn root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// `kubectl get mig -A -l SELECTOR --watch` in the background, printing
+/// `KEY PHASE` per change, where KEY is a JSONPath of the Migration
+/// (`{.spec.vmName}`, `{.metadata.name}`): what a user watching the drain
+/// saw, including Migrations deleted since. Killed on drop.
+pub struct MigrationWatch {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MigrationWatch {
+    /// Starts the watch.
+    pub fn start(c: &Cluster, selector: &str, key: &str) -> MigrationWatch {
+        let mut child = Command::new(kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .arg("--cache-dir")
+            .arg(c.data_dir().join("kubectl-watch-cache"))
+            .args(["get", "mig", "-A", "-l", selector, "--watch"])
+            .arg(format!(r#"-o=jsonpath={key} {{.status.phase}}{{"\n"}}"#))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        MigrationWatch { child, lines }
+    }
+
+    /// KEY → the phase it was last seen in.
+    pub fn last_phases(&self) -> std::collections::BTreeMap<String, String> {
+        let mut last = std::collections::BTreeMap::new();
+        for l in self.lines.lock().unwrap().iter() {
+            let mut f = l.split_whitespace();
+            if let Some(key) = f.next() {
+                last.insert(key.to_string(), f.next().unwrap_or("").to_string());
+            }
+        }
+        last
+    }
+}
+
+impl Drop for MigrationWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

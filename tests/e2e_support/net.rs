@@ -9,7 +9,12 @@
 //!  Pinger ── ICMP every 20 ms ─────────────────────────► guest (kernel)
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../net_support/echo.rs"]
+mod echo;
+pub use echo::EchoReport;
+use echo::exchange;
+
+use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -73,17 +78,6 @@ impl Cluster {
         });
         self.vm_host("default", vm).unwrap()
     }
-}
-
-/// What the counter client saw.
-#[derive(Debug)]
-pub struct EchoReport {
-    /// Counters sent and echoed back, in order.
-    pub echoed: u32,
-    /// The longest time between two consecutive echoes.
-    pub longest_gap: Duration,
-    /// The first mismatch or error, if any.
-    pub error: Option<String>,
 }
 
 /// A TCP client in a network namespace sending `N\n` every 20 ms to the
@@ -177,25 +171,9 @@ fn run_counter(addr: SocketAddr, stop: &AtomicBool, echoed: &AtomicU32) -> EchoR
     let mut n: u32 = 0;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
-        if let Err(e) = writer.write_all(format!("{n}\n").as_bytes()) {
-            report.error = Some(format!("send {n}: {e}"));
+        if let Err(e) = exchange(&mut writer, &mut reader, n) {
+            report.error = Some(e);
             break;
-        }
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) => {
-                report.error = Some(format!("closed before echoing {n}"));
-                break;
-            }
-            Err(e) => {
-                report.error = Some(format!("no echo of {n}: {e}"));
-                break;
-            }
-            Ok(_) if line.trim() != n.to_string() => {
-                report.error = Some(format!("sent {n}, got {line:?}"));
-                break;
-            }
-            Ok(_) => {}
         }
         let now = Instant::now();
         // The first echo's wait includes the connection's set-up.

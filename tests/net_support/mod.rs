@@ -5,8 +5,12 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod echo;
 pub mod hosts;
 pub mod outage;
+
+pub use echo::EchoReport;
+use echo::exchange;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -264,17 +268,6 @@ pub fn ping(client_ns: &str, count: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// What the counter client saw.
-#[derive(Debug)]
-pub struct EchoReport {
-    /// Counters sent and echoed back, in order.
-    pub echoed: u32,
-    /// The longest time between two consecutive echoes.
-    pub longest_gap: Duration,
-    /// The first mismatch or error, if any.
-    pub error: Option<String>,
-}
-
 /// A TCP client in the client namespace sending `N\n` every 20 ms and
 /// checking each echo; runs until [`CounterClient::stop`].
 pub struct CounterClient {
@@ -393,25 +386,9 @@ fn run_counter(flags: &Flags) -> EchoReport {
         }
         flags.idle.store(false, Ordering::SeqCst);
         n += 1;
-        if let Err(e) = writer.write_all(format!("{n}\n").as_bytes()) {
-            report.error = Some(format!("send {n}: {e}"));
+        if let Err(e) = exchange(&mut writer, &mut reader, n) {
+            report.error = Some(e);
             break;
-        }
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) => {
-                report.error = Some(format!("closed before echoing {n}"));
-                break;
-            }
-            Err(e) => {
-                report.error = Some(format!("no echo of {n}: {e}"));
-                break;
-            }
-            Ok(_) if line.trim() != n.to_string() => {
-                report.error = Some(format!("sent {n}, got {line:?}"));
-                break;
-            }
-            Ok(_) => {}
         }
         let now = Instant::now();
         report.longest_gap = report.longest_gap.max(now - last);
