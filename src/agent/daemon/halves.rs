@@ -534,3 +534,52 @@ pub(super) async fn wait_until(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_mode(mode: core_policy::ConvergenceMode) -> EffectivePolicy {
+        let mut p = EffectivePolicy::default();
+        p.convergence.mode = mode;
+        p
+    }
+
+    #[test]
+    fn parallel_connections_become_multifd_channels_and_zero_one_stream() {
+        let p = EffectivePolicy::default();
+        let floor = Duration::from_secs(1);
+        assert_eq!(migration_config(&p, 0, floor).multifd_channels, None);
+        assert_eq!(migration_config(&p, 2, floor).multifd_channels, Some(2));
+        assert_eq!(migration_config(&p, 16, floor).multifd_channels, Some(16));
+        // Beyond what QEMU's parameter can hold (the schema stops at 16).
+        assert_eq!(migration_config(&p, 300, floor).multifd_channels, None);
+    }
+
+    #[test]
+    fn legacy_keeps_qemus_defaults_and_the_others_follow_the_policy() {
+        let floor = Duration::from_secs(1);
+        let legacy = migration_config(&with_mode(core_policy::ConvergenceMode::Legacy), 0, floor);
+        assert_eq!(legacy.downtime_limit, Duration::from_millis(300));
+        assert_eq!(legacy.bandwidth, Bandwidth::HypervisorDefault);
+        assert!(legacy.auto_converge.is_none() && !legacy.postcopy);
+
+        let mut capped = with_mode(core_policy::ConvergenceMode::MinimalDowntime);
+        capped.bandwidth = core_policy::Bandwidth::Custom {
+            bytes_per_sec: 4 << 20,
+        };
+        capped.convergence.downtime_limit = Duration::from_millis(20);
+        let c = migration_config(&capped, 0, floor);
+        assert_eq!(c.bandwidth, Bandwidth::Limit(4 << 20));
+        assert_eq!(c.downtime_limit, Duration::from_millis(20));
+
+        let suspend = migration_config(
+            &with_mode(core_policy::ConvergenceMode::SuspendWorkloadIfNeeded),
+            0,
+            floor,
+        );
+        assert!(suspend.auto_converge.is_some());
+        let post = migration_config(&with_mode(core_policy::ConvergenceMode::PostCopy), 0, floor);
+        assert_eq!(post.postcopy, post_copy_available());
+    }
+}
