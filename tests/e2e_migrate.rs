@@ -73,6 +73,40 @@ fn kubectl_apply_of_a_migration_live_migrates_a_guest_to_the_named_host() {
 }
 
 #[test]
+fn a_policys_parallel_connections_carry_the_migration_on_that_many_multifd_channels() {
+    let c = Cluster::up(2);
+    c.kubectl_ok(&[
+        "patch",
+        "mpol",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"parallelConnections":2}}"#,
+    ]);
+    let source = running_vm(&c, "wide");
+    let target = other(&source);
+    let out = c.ferry(&["migrate", "wide", "--to", target, "--timeout", "120"]);
+    assert!(
+        out.status.success(),
+        "kubectl ferry migrate failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.log()
+    );
+    // The only Migration of this cluster.
+    let name = c.jsonpath(&["get", "mig"], "{.items[0].metadata.name}");
+    // QEMU's main channel and the two multifd channels, each through the
+    // relay.
+    let message = c.jsonpath(&["get", "mig", &name], "{.status.source.message}");
+    assert!(
+        message.contains("over 3 relay channels"),
+        "source report: {message}\n{}",
+        c.kubectl_ok(&["get", "mig", &name, "-o", "yaml"])
+    );
+    assert_moved_intact(&c, "wide", target);
+}
+
+#[test]
 fn kubectl_ferry_migrate_to_a_host_waits_and_reports_success() {
     let c = Cluster::up(2);
     let source = running_vm(&c, "walker");

@@ -392,9 +392,11 @@ pub(super) async fn source_half(
             let pause = stopped
                 .zip(resumed)
                 .map(|(s, r)| migrate::pause::pause(s, r, offset.as_ref()));
+            let channels = relay.counters().snapshot().channels_opened;
             let mut message = format!(
-                "transferred {} bytes in {elapsed_ms} ms, downtime {} ms",
+                "transferred {} bytes over {channels} relay channel{} in {elapsed_ms} ms, downtime {} ms",
                 done.relay_forward_bytes,
+                if channels == 1 { "" } else { "s" },
                 done.downtime.as_millis()
             );
             if let (Some(p), Some(map)) = (pause, extra.as_object_mut()) {
