@@ -73,16 +73,9 @@ fn an_overloaded_host_sheds_exactly_one_vm_per_balancing_interval() {
     // Nothing moves while balancing is off.
     assert!(automatic(&c).is_empty());
 
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        &format!(
+    c.patch_default_policy(&format!(
             r#"{{"spec":{{"scheduling":{{"policy":"EvenlyDistributed","highUtilization":50,"overCommitDuration":"4s","balancing":{{"enabled":true,"interval":"{INTERVAL_SECS}s"}}}}}}}}"#
-        ),
-    ]);
+        ));
     c.wait_for("an automatic migration", TIMEOUT, || {
         !automatic(&c).is_empty()
     });

@@ -15,14 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 #[test]
 fn a_live_migration_cancelled_mid_transfer_leaves_the_vm_on_its_source() {
     let c = Cluster::up(2);
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"bandwidth":{"mode":"Custom","limit":"4Mi"}}}"#,
-    ]);
+    c.patch_default_policy(r#"{"spec":{"bandwidth":{"mode":"Custom","limit":"4Mi"}}}"#);
     c.apply(&memtest_vm("stayer", "64Mi", 48));
     c.wait_for("stayer Running", TIMEOUT, || {
         c.jsonpath(&["get", "fvm", "stayer"], "{.status.phase}") == "Running"

@@ -57,14 +57,7 @@ fn unschedulable(c: &Cluster, host: &str) -> String {
 
 /// Patch the default MigrationPolicy's spec with `spec` (JSON).
 fn policy(c: &Cluster, spec: &str) {
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        &format!(r#"{{"spec":{spec}}}"#),
-    ]);
+    c.patch_default_policy(&format!(r#"{{"spec":{spec}}}"#));
 }
 
 /// Start the three VMs on host-1 (the other hosts cordoned meanwhile, then

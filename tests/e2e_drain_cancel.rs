@@ -102,14 +102,7 @@ fn drain_migrations(c: &Cluster, hm: &str) -> BTreeMap<String, (String, String)>
 #[test]
 fn kubectl_delete_of_a_hostmaintenance_mid_drain_cancels_both_moves_in_flight() {
     let c = Cluster::up(3);
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"limits":{"parallelOutboundPerHost":2},"bandwidth":{"mode":"Custom","limit":"2Mi"}}}"#,
-    ]);
+    c.patch_default_policy(r#"{"spec":{"limits":{"parallelOutboundPerHost":2},"bandwidth":{"mode":"Custom","limit":"2Mi"}}}"#);
     vms_on_host_1(&c, &VMS, 32);
 
     let watch = MigrationWatch::start(&c, "ferry.dev/maintenance=host-1", "{.metadata.name}");

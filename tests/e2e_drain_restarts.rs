@@ -96,14 +96,7 @@ fn sigkill(pid: i32) {
 fn a_drain_survives_the_controller_the_source_agent_and_ferry_up_killed_mid_transfer() {
     let mut c = Cluster::up(3);
     let layout = Layout::at(c.data_dir());
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"limits":{"parallelOutboundPerHost":1},"bandwidth":{"mode":"Custom","limit":"8Mi"}}}"#,
-    ]);
+    c.patch_default_policy(r#"{"spec":{"limits":{"parallelOutboundPerHost":1},"bandwidth":{"mode":"Custom","limit":"8Mi"}}}"#);
     // The guests start on host-1 (the others cordoned meanwhile).
     for i in 2..=3 {
         set_unschedulable(&c, &format!("host-{i}"), true);

@@ -17,14 +17,9 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn cluster() -> Cluster {
     let c = Cluster::up_with(2, &["--fence-after", "4s"]);
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
+    c.patch_default_policy(
         r#"{"spec":{"resilience":{"policy":"MigrateAll","fenceAfter":"4s","evacuateAfter":"8s"}}}"#,
-    ]);
+    );
     c
 }
 
@@ -173,16 +168,9 @@ fn not_evacuated(c: &Cluster) -> Vec<String> {
 fn each_resilience_policy_rebuilds_exactly_the_vms_it_names() {
     let c = Cluster::up_with(3, &["--fence-after", "4s"]);
     let resilience = |policy: &str| {
-        c.kubectl_ok(&[
-            "patch",
-            "mpol",
-            "default",
-            "--type=merge",
-            "-p",
-            &format!(
+        c.patch_default_policy(&format!(
                 r#"{{"spec":{{"resilience":{{"policy":"{policy}","fenceAfter":"4s","evacuateAfter":"8s"}}}}}}"#
-            ),
-        ]);
+            ));
     };
 
     resilience("MigrateHighlyAvailableOnly");

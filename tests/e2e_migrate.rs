@@ -75,14 +75,7 @@ fn kubectl_apply_of_a_migration_live_migrates_a_guest_to_the_named_host() {
 #[test]
 fn a_policys_parallel_connections_carry_the_migration_on_that_many_multifd_channels() {
     let c = Cluster::up(2);
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"parallelConnections":2}}"#,
-    ]);
+    c.patch_default_policy(r#"{"spec":{"parallelConnections":2}}"#);
     let source = running_vm(&c, "wide");
     let target = other(&source);
     let out = c.ferry(&["migrate", "wide", "--to", target, "--timeout", "120"]);

@@ -77,14 +77,9 @@ fn a_live_migrated_vm_keeps_its_tcp_connection_and_every_counter() {
     // There and back: with the default downtime limit, then with 20 ms.
     for limit in [None, Some("20ms")] {
         if let Some(limit) = limit {
-            c.kubectl_ok(&[
-                "patch",
-                "mpol",
-                "default",
-                "--type=merge",
-                "-p",
-                &format!(r#"{{"spec":{{"convergence":{{"downtimeLimit":"{limit}"}}}}}}"#),
-            ]);
+            c.patch_default_policy(&format!(
+                r#"{{"spec":{{"convergence":{{"downtimeLimit":"{limit}"}}}}}}"#
+            ));
             assert_eq!(
                 c.jsonpath(
                     &["get", "mpol", "default"],
@@ -217,14 +212,9 @@ fn an_evacuated_vm_keeps_its_mac_and_ip() {
     assert!(root(), "the VM network needs network namespaces (root)");
     let _one = serial();
     let c = Cluster::up_with(2, &["--fence-after", "4s"]);
-    c.kubectl_ok(&[
-        "patch",
-        "mpol",
-        "default",
-        "--type=merge",
-        "-p",
+    c.patch_default_policy(
         r#"{"spec":{"resilience":{"policy":"MigrateAll","fenceAfter":"4s","evacuateAfter":"8s"}}}"#,
-    ]);
+    );
     c.apply(&linux_vm("phoenix", 41));
     let old = c.wait_vm_running("phoenix");
     let nic = c.vm_nic("phoenix");

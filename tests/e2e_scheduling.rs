@@ -69,14 +69,9 @@ fn the_scheduler_chooses_the_target_each_policy_prescribes() {
         ("PowerSaving", "host-2"),
         ("VmEvenlyDistributed", "host-3"),
     ] {
-        c.kubectl_ok(&[
-            "patch",
-            "mpol",
-            "default",
-            "--type=merge",
-            "-p",
-            &format!(r#"{{"spec":{{"scheduling":{{"policy":"{policy}"}}}}}}"#),
-        ]);
+        c.patch_default_policy(&format!(
+            r#"{{"spec":{{"scheduling":{{"policy":"{policy}"}}}}}}"#
+        ));
         migrate(&c, &[]);
         let chosen = c.vm_host("default", "mover").unwrap();
         let explain = {

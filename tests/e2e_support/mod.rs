@@ -231,6 +231,12 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl patch mpol default --type=merge -p PATCH`: changes the
+    /// policy every VM of the cluster falls under.
+    pub fn patch_default_policy(&self, patch: &str) {
+        self.kubectl_ok(&["patch", "mpol", "default", "--type=merge", "-p", patch]);
+    }
+
     /// `kubectl apply -f -` of a manifest (with kubectl's client-side
     /// validation against the server's OpenAPI documents).
     pub fn apply(&self, manifest: &str) -> String {
