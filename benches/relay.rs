@@ -104,6 +104,13 @@ struct Round {
     relay_cpu: f64,
 }
 
+impl Round {
+    /// Bytes per second, over QEMU's own total time.
+    fn rate(&self) -> f64 {
+        self.bytes as f64 / (self.qemu_ms as f64 / 1000.0)
+    }
+}
+
 /// This process's user + system CPU time in seconds (/proc, 100 Hz ticks):
 /// unlike throughput, it hardly depends on what else loads the machine.
 fn cpu_seconds() -> f64 {
@@ -477,7 +484,7 @@ async fn main() {
                 format!("{mode:?}"),
                 from.name,
                 to.name,
-                round.bytes as f64 / (1 << 20) as f64 / (round.qemu_ms as f64 / 1000.0),
+                round.rate() / (1 << 20) as f64,
                 round.bytes >> 20,
                 round.qemu_ms,
                 round.downtime_ms,
@@ -493,7 +500,7 @@ async fn main() {
             results
                 .iter()
                 .filter(|r| r.mode == m)
-                .map(|r| r.bytes as f64 / (r.qemu_ms as f64 / 1000.0))
+                .map(Round::rate)
                 .collect(),
         )
     };
@@ -519,10 +526,7 @@ async fn main() {
                     .filter_map(|round| {
                         let of = |m: Mode| round.iter().find(|r| r.mode == m);
                         let (x, y) = (of(a)?, of(b)?);
-                        Some(
-                            (x.bytes as f64 / x.qemu_ms as f64)
-                                / (y.bytes as f64 / y.qemu_ms as f64),
-                        )
+                        Some(x.rate() / y.rate())
                     })
                     .collect(),
             )
